@@ -1,0 +1,184 @@
+// Shared pieces of the qwen-mk kernels: model dimensions (passed by build.rs
+// from src/kernel_dims.rs), the structs shared with the Rust host code, and
+// small device helpers (loads, dot products, reductions).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace qmk {
+
+constexpr int HIDDEN = QMK_HIDDEN;
+constexpr int NUM_LAYERS = QMK_NUM_LAYERS;
+constexpr int NUM_Q_HEADS = QMK_NUM_Q_HEADS;
+constexpr int NUM_KV_HEADS = QMK_NUM_KV_HEADS;
+constexpr int HEAD_DIM = QMK_HEAD_DIM;
+constexpr int INTERMEDIATE = QMK_INTERMEDIATE;
+constexpr int Q_DIM = NUM_Q_HEADS * HEAD_DIM;
+constexpr int KV_DIM = NUM_KV_HEADS * HEAD_DIM;
+constexpr int QKV_ROWS = Q_DIM + 2 * KV_DIM;
+constexpr int GQA_GROUP = NUM_Q_HEADS / NUM_KV_HEADS;
+constexpr int WARP = 32;
+
+static_assert(HEAD_DIM == 128, "attention maps 128 head dims onto lanes");
+static_assert(GQA_GROUP == 2, "attention handles two query heads per KV head");
+static_assert(HIDDEN % 256 == 0 && Q_DIM % 256 == 0 && INTERMEDIATE % 256 == 0,
+              "a warp reads rows in 256-element strides");
+
+typedef __nv_bfloat16 bf16;
+
+// State of the device-side token loop; src/gpu/decoder.rs mirrors it.
+struct DecodeState {
+    unsigned int pos;          // position the next decode step processes
+    unsigned int n_fixed;      // tokens[0..n_fixed) are given (prompt / teacher forcing)
+    unsigned int done;         // set once an EOS is produced or the cache is full
+    unsigned int stop_on_eos;  // whether an EOS id sets done
+    unsigned int eos_ids[4];
+    unsigned int n_eos;
+};
+
+// A sense-reversing grid barrier. `arrived` is back to 0 after every
+// completed barrier, so no state carries from one launch into the next.
+struct GridBarrier {
+    unsigned int arrived;
+    unsigned int generation;
+};
+
+// ---- loads -----------------------------------------------------------------
+
+// Weights are read-only for the whole launch and streamed exactly once: the
+// non-coherent path, not allocated in L1.
+__device__ __forceinline__ uint4 load_weights16(const bf16* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// Data written during the launch (activations, KV cache, partial results)
+// is read at L2, which is coherent across SMs: never through L1 or the
+// non-coherent path.
+__device__ __forceinline__ uint4 load_coherent16(const void* p) {
+    return __ldcg(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ float load_coherent(const float* p) { return __ldcg(p); }
+
+// ---- bf16 arithmetic -------------------------------------------------------
+
+// A bf16 is the top half of an f32: widening is a shift.
+__device__ __forceinline__ float bf16_lo(unsigned int pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned int pair) { return __uint_as_float(pair & 0xffff0000u); }
+__device__ __forceinline__ float bf16_to_f32(bf16 v) { return __bfloat162float(v); }
+
+// Dot product of 8 packed bf16 with 8 floats (16-byte aligned).
+__device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
+    const float4 a = *reinterpret_cast<const float4*>(x);
+    const float4 b = *reinterpret_cast<const float4*>(x + 4);
+    acc = fmaf(bf16_lo(w.x), a.x, acc);
+    acc = fmaf(bf16_hi(w.x), a.y, acc);
+    acc = fmaf(bf16_lo(w.y), a.z, acc);
+    acc = fmaf(bf16_hi(w.y), a.w, acc);
+    acc = fmaf(bf16_lo(w.z), b.x, acc);
+    acc = fmaf(bf16_hi(w.z), b.y, acc);
+    acc = fmaf(bf16_lo(w.w), b.z, acc);
+    acc = fmaf(bf16_hi(w.w), b.w, acc);
+    return acc;
+}
+
+__device__ __forceinline__ void unpack8(uint4 w, float out[8]) {
+    out[0] = bf16_lo(w.x); out[1] = bf16_hi(w.x);
+    out[2] = bf16_lo(w.y); out[3] = bf16_hi(w.y);
+    out[4] = bf16_lo(w.z); out[5] = bf16_hi(w.z);
+    out[6] = bf16_lo(w.w); out[7] = bf16_hi(w.w);
+}
+
+// ---- reductions ------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over the whole block; `scratch` holds one float per warp. Every thread
+// gets the result.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    constexpr int WARPS = THREADS / WARP;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += scratch[w];
+    return total;
+}
+
+template <int THREADS>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    constexpr int WARPS = THREADS / WARP;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float best = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) best = fmaxf(best, scratch[w]);
+    return best;
+}
+
+// Rows [begin, end) of `total` that part `part` of `parts` owns: balanced
+// contiguous ranges.
+__device__ __forceinline__ void split_range(int total, int part, int parts, int& begin, int& end) {
+    begin = (int)((long long)total * part / parts);
+    end = (int)((long long)total * (part + 1) / parts);
+}
+
+// RMSNorm of `n` floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
+// `x` is either f32 (written in this launch: coherent loads) or a bf16 row.
+template <int THREADS, int N>
+__device__ __forceinline__ void rms_norm_to_shared(const float* x_f32, const bf16* x_bf16, const bf16* weight,
+                                                   float eps, float* out, float* scratch) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < N; i += THREADS) {
+        const float v = x_f32 ? load_coherent(x_f32 + i) : bf16_to_f32(x_bf16[i]);
+        out[i] = v;
+        ss = fmaf(v, v, ss);
+    }
+    const float inv_rms = rsqrtf(block_sum<THREADS>(ss, scratch) / N + eps);
+    for (int i = threadIdx.x; i < N; i += THREADS) out[i] = out[i] * inv_rms * bf16_to_f32(weight[i]);
+    __syncthreads();
+}
+
+// ---- argmax ------------------------------------------------------------------
+
+// (logit, id) packed so that the larger key has the larger logit and, on a
+// tie, the lower id: torch.argmax's rule.
+__device__ __forceinline__ unsigned long long argmax_key(float logit, unsigned int id) {
+    const unsigned int bits = __float_as_uint(logit);
+    const unsigned int ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    return ((unsigned long long)ordered << 32) | (unsigned long long)(0xffffffffu - id);
+}
+__device__ __forceinline__ unsigned int argmax_key_id(unsigned long long key) {
+    return 0xffffffffu - (unsigned int)(key & 0xffffffffu);
+}
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long k) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) {
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, offset);
+        k = other > k ? other : k;
+    }
+    return k;
+}
+
+}  // namespace qmk

@@ -1,0 +1,390 @@
+// One decode step of Qwen3-0.6B, all 28 layers, in one persistent cooperative
+// kernel. The grid is one block per SM (sized on the host from the device);
+// phases are separated by a grid barrier:
+//
+//   per layer:  A  RMSNorm + fused QKV projection          -> qkv (f32)
+//               B  q/k RMSNorm, RoPE, KV-cache append, attention over the
+//                  cache split into chunks, merged by the last chunk's block
+//                                                           -> attn (f32)
+//               C  O projection + residual                 -> x (f32)
+//               D  RMSNorm + gate/up projections, SiLU     -> mlp (f32)
+//               E  down projection + residual              -> x (f32)
+//
+// The final RMSNorm and the vocabulary projection are the LM-head kernel's
+// (lm_head.cu). The residual stream and all activations stay in f32; weights
+// and the KV cache are bf16.
+#include <cuda/atomic>
+
+#include "common.cuh"
+
+namespace qmk {
+
+constexpr int THREADS = QMK_DECODE_THREADS;
+constexpr int WARPS = THREADS / WARP;
+constexpr int ATTN_MAX_CHUNK = QMK_ATTN_MAX_CHUNK;
+
+struct DecodeParams {
+    const bf16* layers;          // NUM_LAYERS x QMK_LAYER_STRIDE, packed (src/gpu/weights.rs)
+    const bf16* embed;           // vocab x HIDDEN
+    const float* inv_freq;       // HEAD_DIM / 2 RoPE frequencies
+    bf16* k_cache;               // NUM_LAYERS x NUM_KV_HEADS x context x HEAD_DIM
+    bf16* v_cache;               // same layout
+    float* x;                    // residual stream, HIDDEN
+    float* qkv;                  // QKV_ROWS
+    float* attn;                 // Q_DIM
+    float* mlp;                  // INTERMEDIATE
+    float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
+    unsigned int* attn_counters; // NUM_KV_HEADS, zero between phases
+    GridBarrier* barrier;
+    const DecodeState* state;
+    const unsigned int* tokens;  // context + 1 token ids
+    unsigned int context;        // positions the KV cache holds
+    unsigned int max_chunks;     // attention chunks the partials buffer holds per head
+    float eps;                   // RMSNorm epsilon
+};
+
+struct AttentionShared {
+    float q[GQA_GROUP][HEAD_DIM];
+    float scores[GQA_GROUP][ATTN_MAX_CHUNK];
+    float pv[WARPS][GQA_GROUP * HEAD_DIM];
+    int is_last;
+};
+
+union SharedStorage {
+    float vec[INTERMEDIATE];  // the input vector of a projection phase
+    AttentionShared attn;
+};
+
+__device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int layer, int offset) {
+    return p.layers + (size_t)layer * QMK_LAYER_STRIDE + offset;
+}
+
+__device__ void grid_sync(GridBarrier* barrier) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> arrived(barrier->arrived);
+        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> generation(barrier->generation);
+        // Read the generation before arriving: it cannot move on until we arrive.
+        const unsigned int gen = generation.load(cuda::memory_order_relaxed);
+        __threadfence();
+        if (arrived.fetch_add(1, cuda::memory_order_acq_rel) == gridDim.x - 1) {
+            arrived.store(0, cuda::memory_order_relaxed);
+            generation.store(gen + 1, cuda::memory_order_release);
+        } else {
+            while (generation.load(cuda::memory_order_acquire) == gen) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// One warp: dot products of R weight rows (K bf16 each) with `vec` (K floats
+// in shared memory). Each lane holds 16-byte slices of every row, all loads
+// issued before the first multiply. Every lane returns the sums.
+template <int K, int R>
+__device__ __forceinline__ void warp_dot_rows(const bf16* const (&rows)[R], const float* vec, float (&out)[R]) {
+    constexpr int SLICES = K / (8 * WARP);
+    const int lane = threadIdx.x % WARP;
+    uint4 w[R][SLICES];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int s = 0; s < SLICES; ++s) w[r][s] = load_weights16(rows[r] + (s * WARP + lane) * 8);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float acc = 0.f;
+#pragma unroll
+        for (int s = 0; s < SLICES; ++s) acc = dot8(w[r][s], vec + (s * WARP + lane) * 8, acc);
+        out[r] = warp_sum(acc);
+    }
+}
+
+// y[row] = W[row] . vec for this block's share of `rows` rows, two rows per
+// warp at a time; `store(row, value)` runs on lane 0.
+template <int K, typename Store>
+__device__ __forceinline__ void block_gemv(const bf16* W, int rows, const float* vec, Store store) {
+    int begin, end;
+    split_range(rows, blockIdx.x, gridDim.x, begin, end);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    constexpr int R = K <= 1024 ? 2 : 1;  // about 8 loads of 16 bytes in flight per lane
+    for (int row = begin + warp * R; row < end; row += WARPS * R) {
+        const bf16* ptrs[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) ptrs[r] = W + (size_t)min(row + r, end - 1) * K;
+        float y[R];
+        warp_dot_rows<K, R>(ptrs, vec, y);
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (row + r < end) store(row + r, y[r]);
+        }
+    }
+}
+
+// Copy `n` floats written in this launch into shared memory.
+template <int N>
+__device__ __forceinline__ void load_vec_to_shared(const float* src, float* dst) {
+    for (int i = threadIdx.x * 4; i < N; i += THREADS * 4)
+        *reinterpret_cast<float4*>(dst + i) = __ldcg(reinterpret_cast<const float4*>(src + i));
+    __syncthreads();
+}
+
+// ---- phase B: attention --------------------------------------------------------
+
+// RMSNorm over one head (a warp's 4 values a lane: dims lane + 32 i), then
+// RoPE in the rotate-half form: dim d pairs with d + 64.
+__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
+                                               float pos, float eps) {
+    const int lane = threadIdx.x % WARP;
+    const float ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
+    const float inv_rms = rsqrtf(ss / HEAD_DIM + eps);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * bf16_to_f32(norm_weight[lane + 32 * i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        // Same f32 product as transformers: position times inverse frequency.
+        const float angle = pos * inv_freq[lane + 32 * i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        const float lo = v[i], hi = v[i + 2];
+        v[i] = lo * c - hi * s;
+        v[i + 2] = hi * c + lo * s;
+    }
+}
+
+// Scores, softmax and P.V for positions [begin, end) of one KV head and its
+// two query heads; leaves the unnormalised output, its max and sum in the
+// partials buffer for the merge.
+__device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int kv_head, int chunk, int begin,
+                                int end, AttentionShared& sm, float* scratch) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const size_t head_base = ((size_t)layer * NUM_KV_HEADS + kv_head) * p.context * HEAD_DIM;
+    const bf16* k_cache = p.k_cache + head_base;
+    const bf16* v_cache = p.v_cache + head_base;
+
+    // Normalise and rotate the query heads; the chunk holding `pos` also
+    // appends this step's K and V to the cache.
+    const bool appends = begin <= pos && pos < end;
+    if (warp < GQA_GROUP + 2) {
+        const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
+        const int row0 = is_q ? (kv_head * GQA_GROUP + warp) * HEAD_DIM
+                              : Q_DIM + (is_k ? 0 : KV_DIM) + kv_head * HEAD_DIM;
+        float v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = load_coherent(p.qkv + row0 + lane + 32 * i);
+        if (is_q || is_k) {
+            const bf16* norm = layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM);
+            norm_rope_head(v, norm, p.inv_freq, (float)pos, p.eps);
+        }
+        if (is_q) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
+        } else if (appends) {
+            bf16* dst = (is_k ? p.k_cache : p.v_cache) + head_base + (size_t)pos * HEAD_DIM;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dst[lane + 32 * i] = __float2bfloat16(v[i]);
+        }
+    }
+    __syncthreads();  // also orders this block's cache append before the reads below
+
+    // Scores: eight lanes per key, 16 dims a lane.
+    const float scale = rsqrtf((float)HEAD_DIM);
+    {
+        const int group = lane / 8, sub = lane % 8;
+        float qa[16], qb[16];
+#pragma unroll
+        for (int d = 0; d < 16; ++d) {
+            qa[d] = sm.q[0][sub * 16 + d];
+            qb[d] = sm.q[1][sub * 16 + d];
+        }
+#pragma unroll 2
+        for (int t = begin + warp * 4 + group; t < end; t += WARPS * 4) {
+            const bf16* key = k_cache + (size_t)t * HEAD_DIM + sub * 16;
+            float k[16];
+            unpack8(load_coherent16(key), k);
+            unpack8(load_coherent16(key + 8), k + 8);
+            float sa = 0.f, sb = 0.f;
+#pragma unroll
+            for (int d = 0; d < 16; ++d) {
+                sa = fmaf(qa[d], k[d], sa);
+                sb = fmaf(qb[d], k[d], sb);
+            }
+#pragma unroll
+            for (int offset = 4; offset > 0; offset /= 2) {
+                sa += __shfl_xor_sync(0xffffffffu, sa, offset);
+                sb += __shfl_xor_sync(0xffffffffu, sb, offset);
+            }
+            if (sub == 0) {
+                sm.scores[0][t - begin] = sa * scale;
+                sm.scores[1][t - begin] = sb * scale;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Softmax numerators over the chunk, per query head.
+    const int len = end - begin;
+    float m[GQA_GROUP], l[GQA_GROUP];
+#pragma unroll
+    for (int h = 0; h < GQA_GROUP; ++h) {
+        float local = -INFINITY;
+        for (int i = threadIdx.x; i < len; i += THREADS) local = fmaxf(local, sm.scores[h][i]);
+        m[h] = block_max<THREADS>(local, scratch);
+        float sum = 0.f;
+        for (int i = threadIdx.x; i < len; i += THREADS) {
+            const float e = __expf(sm.scores[h][i] - m[h]);
+            sm.scores[h][i] = e;
+            sum += e;
+        }
+        l[h] = block_sum<THREADS>(sum, scratch);  // its barrier also publishes the numerators
+    }
+
+    // P.V: half a warp per key, 8 dims a lane.
+    {
+        const int half = lane / 16, dl = lane % 16;
+        float acc[GQA_GROUP][8] = {};
+#pragma unroll 2
+        for (int t = begin + warp * 2 + half; t < end; t += WARPS * 2) {
+            float v[8];
+            unpack8(load_coherent16(v_cache + (size_t)t * HEAD_DIM + dl * 8), v);
+            const float pa = sm.scores[0][t - begin], pb = sm.scores[1][t - begin];
+#pragma unroll
+            for (int d = 0; d < 8; ++d) {
+                acc[0][d] = fmaf(pa, v[d], acc[0][d]);
+                acc[1][d] = fmaf(pb, v[d], acc[1][d]);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < GQA_GROUP; ++h)
+#pragma unroll
+            for (int d = 0; d < 8; ++d) acc[h][d] += __shfl_xor_sync(0xffffffffu, acc[h][d], 16);
+        if (half == 0) {
+#pragma unroll
+            for (int h = 0; h < GQA_GROUP; ++h)
+#pragma unroll
+                for (int d = 0; d < 8; ++d) sm.pv[warp][h * HEAD_DIM + dl * 8 + d] = acc[h][d];
+        }
+    }
+    __syncthreads();
+
+    // This chunk's partial result: out (unnormalised), max, sum.
+    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
+        float out = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) out += sm.pv[w][threadIdx.x];
+        const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
+        float* partial = p.attn_partials + ((size_t)(kv_head * GQA_GROUP + h) * p.max_chunks + chunk) * (HEAD_DIM + 2);
+        partial[d] = out;
+        if (d == 0) {
+            partial[HEAD_DIM] = m[h];
+            partial[HEAD_DIM + 1] = l[h];
+        }
+    }
+}
+
+// The block that finishes a KV head's last chunk merges all its chunks.
+__device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, AttentionShared& sm) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(p.attn_counters[kv_head]);
+        sm.is_last = done.fetch_add(1, cuda::memory_order_acq_rel) == (unsigned int)n_chunks - 1;
+    }
+    __syncthreads();
+    if (!sm.is_last) return;
+    __threadfence();
+    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
+        const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
+        const int q_head = kv_head * GQA_GROUP + h;
+        const float* partials = p.attn_partials + (size_t)q_head * p.max_chunks * (HEAD_DIM + 2);
+        float m = -INFINITY;
+        for (int c = 0; c < n_chunks; ++c) m = fmaxf(m, load_coherent(partials + c * (HEAD_DIM + 2) + HEAD_DIM));
+        float sum = 0.f, out = 0.f;
+        for (int c = 0; c < n_chunks; ++c) {
+            const float* part = partials + c * (HEAD_DIM + 2);
+            const float w = __expf(load_coherent(part + HEAD_DIM) - m);
+            sum = fmaf(load_coherent(part + HEAD_DIM + 1), w, sum);
+            out = fmaf(load_coherent(part + d), w, out);
+        }
+        p.attn[q_head * HEAD_DIM + d] = out / sum;
+    }
+    if (threadIdx.x == 0) p.attn_counters[kv_head] = 0;  // ready for the next layer
+}
+
+__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm, float* scratch) {
+    // Split the cache over about one block per (KV head, chunk); a chunk is
+    // never longer than the shared-memory score buffer.
+    const int n_keys = pos + 1;
+    const int wanted = max(1, (int)gridDim.x / NUM_KV_HEADS);
+    const int chunk_len = min((n_keys + wanted - 1) / wanted, ATTN_MAX_CHUNK);
+    const int n_chunks = (n_keys + chunk_len - 1) / chunk_len;
+    for (int task = blockIdx.x; task < NUM_KV_HEADS * n_chunks; task += gridDim.x) {
+        const int kv_head = task / n_chunks, chunk = task % n_chunks;
+        const int begin = chunk * chunk_len, end = min(n_keys, begin + chunk_len);
+        attention_chunk(p, layer, pos, kv_head, chunk, begin, end, sm, scratch);
+        merge_if_last(p, kv_head, n_chunks, sm);
+        __syncthreads();  // shared memory is reused by the next task
+    }
+}
+
+// ---- the kernel ------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
+    __shared__ __align__(16) SharedStorage sm;
+    __shared__ float scratch[WARPS];
+
+    const DecodeState* state = p.state;
+    if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
+    const int pos = (int)state->pos;
+    const bf16* embedding = p.embed + (size_t)p.tokens[pos] * HIDDEN;
+
+    for (int layer = 0; layer < NUM_LAYERS; ++layer) {
+        // The residual stream of layer 0 is the token's embedding row.
+        const bool first = layer == 0;
+
+        // A: RMSNorm + QKV projection.
+        rms_norm_to_shared<THREADS, HIDDEN>(first ? nullptr : p.x, embedding,
+                                            layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
+        block_gemv<HIDDEN>(layer_weights(p, layer, QMK_OFF_QKV), QKV_ROWS, sm.vec,
+                           [&](int row, float y) { p.qkv[row] = y; });
+        grid_sync(p.barrier);
+
+        // B: attention.
+        attention_phase(p, layer, pos, sm.attn, scratch);
+        grid_sync(p.barrier);
+
+        // C: O projection + residual.
+        load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
+        block_gemv<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN, sm.vec, [&](int row, float y) {
+            const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
+            p.x[row] = residual + y;
+        });
+        grid_sync(p.barrier);
+
+        // D: RMSNorm + gate/up + SiLU. Row pairs (gate j, up j) go to one warp.
+        rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
+                                            sm.vec, scratch);
+        {
+            const bf16* gate = layer_weights(p, layer, QMK_OFF_GATE);
+            const bf16* up = layer_weights(p, layer, QMK_OFF_UP);
+            int begin, end;
+            split_range(INTERMEDIATE, blockIdx.x, gridDim.x, begin, end);
+            for (int j = begin + (int)threadIdx.x / WARP; j < end; j += WARPS) {
+                const bf16* rows[2] = {gate + (size_t)j * HIDDEN, up + (size_t)j * HIDDEN};
+                float gu[2];
+                warp_dot_rows<HIDDEN, 2>(rows, sm.vec, gu);
+                if (threadIdx.x % WARP == 0) p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
+            }
+        }
+        grid_sync(p.barrier);
+
+        // E: down projection + residual.
+        load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
+        block_gemv<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN, sm.vec,
+                                 [&](int row, float y) { p.x[row] = load_coherent(p.x + row) + y; });
+        if (layer + 1 < NUM_LAYERS) grid_sync(p.barrier);  // the launch's end orders the last layer
+    }
+}
+
+}  // namespace qmk

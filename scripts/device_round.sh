@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One whole round on the device machine (it has torch + transformers, no
+# cargo): write the synthetic checkpoints, make the transformers references,
+# run parity and bench with the release binary built on the dev machine.
+#
+#   usage (from the repo root, binary carried in .device/):
+#     bash scripts/device_round.sh [steps...]      steps: synth ref-tiny ref ref-long parity parity-long bench peers generate
+#   Logs and JSON go to $OUT (or /tmp/qwen-mk-out).
+set -uo pipefail
+BIN=${BIN:-.device/qwen-mk}
+OUT=${OUT:-/tmp/qwen-mk-out}
+M06=models/synth-0.6b
+TINY=models/synth-tiny
+mkdir -p "$OUT" models
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(synth ref-tiny ref parity generate bench)
+
+run() { # name, timeout seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    echo "$name $rc $((SECONDS - t0))" >> "$OUT/summary.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+cat .device/COMMIT 2>/dev/null | tee -a "$OUT/gpu.txt"
+for step in "${steps[@]}"; do
+    case $step in
+    synth)
+        run synth-0.6b 120 "$BIN" synth --out $M06 --shape 0.6b --seed 1
+        run synth-tiny 60 "$BIN" synth --out $TINY --shape tiny --seed 1 ;;
+    ref-tiny)
+        run ref-tiny 300 python3 reference/make_reference.py --model $TINY --out "$OUT/tiny-tokens.json" --steps 32 ;;
+    ref)
+        run ref 400 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens.json" --steps 128 ;;
+    ref-long)
+        run ref-long 500 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens-long.json" --steps 128 --prompt-ids-len 4100 ;;
+    parity)
+        run parity 300 "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06 --json "$OUT/parity.json" ;;
+    parity-long)
+        run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json" ;;
+    generate)
+        run generate 120 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
+    bench)
+        run bench 300 "$BIN" bench --model $M06 --json
+        cp "$OUT/bench.log" "$OUT/bench.json" ;;
+    peers)
+        run peers 400 python3 benches/peers.py --model $M06 --json "$OUT/peers.json" ;;
+    *) echo "unknown step $step" ;;
+    esac
+done
+cat "$OUT/summary.txt"

@@ -1,0 +1,130 @@
+//! `qwen-mk bench`: decode speed on the GPU, timed with CUDA events (median
+//! of repeats), against the floor set by the bytes a step must read and the
+//! read bandwidth measured on the same device.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::BenchArgs;
+use crate::gpu::decoder::median;
+use crate::gpu::GpuDecoder;
+use crate::model_source;
+
+/// A token id to start from; any valid id does.
+const START_TOKEN: u32 = 785;
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.steps == 0 || args.repeats == 0 || args.positions.is_empty() {
+        bail!("--steps, --repeats and --positions must be non-empty and positive");
+    }
+    let dir = model_source::resolve(&args.model.model)?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let max_position = *args.positions.iter().max().unwrap_or(&0);
+    let context = max_position + args.steps + 1;
+    if context > checkpoint.config.max_position_embeddings {
+        bail!(
+            "position {max_position} plus {} steps exceeds the model's context of {}",
+            args.steps,
+            checkpoint.config.max_position_embeddings
+        );
+    }
+    let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
+    decoder.fill_cache_random(context, 7)?;
+    let bandwidth = decoder.measure_read_bandwidth(2 << 30, 10)?;
+
+    let mut rows = Vec::new();
+    for &position in &args.positions {
+        let mut times = Vec::new();
+        for repeat in 0..=args.repeats {
+            decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
+            let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
+            start.record(&decoder.stream)?;
+            for _ in 0..args.steps {
+                decoder.enqueue_step(false)?;
+            }
+            end.record(&decoder.stream)?;
+            end.synchronize()?;
+            if repeat > 0 {
+                times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64); // the first is warm-up
+            }
+        }
+        let ms = median(&mut times);
+        // The average position of the timed steps sets the KV bytes read.
+        let mid = position + args.steps / 2;
+        let floor_ms = decoder.bytes_per_step(mid) as f64 / bandwidth * 1e3;
+        rows.push((position, ms, floor_ms, decoder.bytes_per_step(mid)));
+    }
+
+    // Each kernel alone at position 0, for where-the-time-goes.
+    let phase = |decoder: &mut GpuDecoder, decode: bool| -> Result<f64> {
+        let mut times = Vec::new();
+        for repeat in 0..=args.repeats {
+            decoder.reset(&[START_TOKEN], 0, 0, None)?;
+            let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
+            start.record(&decoder.stream)?;
+            for _ in 0..args.steps {
+                if decode {
+                    decoder.enqueue_decode()?;
+                } else {
+                    decoder.enqueue_lm_head(false)?;
+                }
+            }
+            end.record(&decoder.stream)?;
+            end.synchronize()?;
+            if repeat > 0 {
+                times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64);
+            }
+        }
+        Ok(median(&mut times))
+    };
+    let decode_ms = phase(&mut decoder, true)?;
+    let lm_head_ms = phase(&mut decoder, false)?;
+
+    if args.json {
+        let report = json!({
+            "gpu": decoder.device.name,
+            "sm_count": decoder.device.sm_count,
+            "decode_blocks": decoder.decode_blocks,
+            "lm_head_blocks": decoder.lm_head_blocks,
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "positions": rows.iter().map(|(p, ms, floor, bytes)| json!({
+                "position": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+                "bytes_per_step": bytes, "floor_ms": floor, "percent_of_floor": 100.0 * floor / ms,
+            })).collect::<Vec<_>>(),
+            "decode_kernel_ms": decode_ms,
+            "lm_head_kernel_ms": lm_head_ms,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({} SMs), read bandwidth {:.0} GB/s; {} steps x {} repeats, median; model {}",
+        decoder.device.name,
+        decoder.device.sm_count,
+        bandwidth / 1e9,
+        args.steps,
+        args.repeats,
+        Path::new(&dir).display()
+    );
+    println!(
+        "{:>9} {:>10} {:>9} {:>11} {:>10} {:>8}",
+        "position", "ms/token", "tok/s", "MB/step", "floor ms", "% floor"
+    );
+    for (position, ms, floor, bytes) in &rows {
+        println!(
+            "{position:>9} {ms:>10.4} {:>9.1} {:>11.1} {floor:>10.4} {:>7.1}%",
+            1e3 / ms,
+            *bytes as f64 / 1e6,
+            100.0 * floor / ms
+        );
+    }
+    println!(
+        "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (position 0)"
+    );
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The command line: `generate`, `bench`, `parity`, `synth`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model_source::DEFAULT_MODEL;
+use crate::synthetic::Shape;
+
+#[derive(Parser)]
+#[command(
+    name = "qwen-mk",
+    version,
+    about = "Qwen3-0.6B (bf16) text generation with one CUDA megakernel per decode step"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt (greedy), streaming it as it decodes.
+    Generate(GenerateArgs),
+    /// Measure decode speed on the GPU against the memory-bandwidth floor.
+    Bench(BenchArgs),
+    /// Check the GPU kernels against a transformers reference file.
+    Parity(ParityArgs),
+    /// Write a synthetic checkpoint (random weights, real shapes) in the Hugging Face layout.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A local checkpoint directory, or a Hugging Face repo id.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Which GPU to use (CUDA ordinal).
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text (used as is: no chat template).
+    #[arg(long)]
+    pub prompt: String,
+    /// Stop after this many new tokens (or at an end-of-sequence token).
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Where to run: the fused CUDA kernels, or the (slow) CPU reference.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cuda)]
+    pub device: DeviceKind,
+    /// Print one JSON object (ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Context positions to measure decode speed at.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0usize, 1024, 4096, 16384])]
+    pub positions: Vec<usize>,
+    /// Decode steps per timed run.
+    #[arg(long, default_value_t = 256)]
+    pub steps: usize,
+    /// Timed runs per position (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ParityArgs {
+    /// Reference file written by reference/make_reference.py.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// Checkpoint directory; defaults to the one the reference names.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Also write the comparison as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Directory to write the checkpoint into.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Shape::Qwen3_0_6B)]
+    pub shape: Shape,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write a separate lm_head.weight instead of tying it to the embedding.
+    #[arg(long)]
+    pub untied: bool,
+    /// The real model's non-weight files (config, tokenizer).
+    #[arg(long, default_value = "assets/qwen3-0.6b")]
+    pub assets: PathBuf,
+}

@@ -1,0 +1,206 @@
+//! The model's `config.json` and `generation_config.json`, read the way
+//! transformers 4 and 5 write them, and the check of a config against the
+//! dimensions the kernels were compiled for.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::kernel_dims;
+
+/// What qwen-mk needs from `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_json(&json).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn from_json(json: &Value) -> Result<Self> {
+        let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if model_type != "qwen3" {
+            bail!(
+                "model_type is {model_type:?}, but qwen-mk runs only Qwen3 (\"qwen3\") checkpoints"
+            );
+        }
+        if json.get("attention_bias").and_then(Value::as_bool) == Some(true) {
+            bail!("attention_bias is true; Qwen3 projections have no bias and qwen-mk does not support one");
+        }
+        if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                bail!("hidden_act is {act:?}; qwen-mk implements only \"silu\"");
+            }
+        }
+        if json.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            bail!("use_sliding_window is true; qwen-mk implements full attention only");
+        }
+        let rope = rope_settings(json)?;
+        let num_attention_heads = usize_field(json, "num_attention_heads")?;
+        let hidden_size = usize_field(json, "hidden_size")?;
+        let head_dim = match json.get("head_dim") {
+            Some(Value::Null) | None => hidden_size / num_attention_heads.max(1),
+            Some(_) => usize_field(json, "head_dim")?,
+        };
+        Ok(Self {
+            hidden_size,
+            num_hidden_layers: usize_field(json, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads: usize_field(json, "num_key_value_heads")?,
+            head_dim,
+            intermediate_size: usize_field(json, "intermediate_size")?,
+            vocab_size: usize_field(json, "vocab_size")?,
+            max_position_embeddings: usize_field(json, "max_position_embeddings")?,
+            rms_norm_eps: json
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            rope_theta: rope,
+            // transformers' Qwen3Config defaults to an untied head.
+            tie_word_embeddings: json
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Every field that differs from what the fused kernels were compiled
+    /// for, as `name: checkpoint has X, kernels need Y` lines; empty when the
+    /// GPU path can run this checkpoint.
+    pub fn kernel_mismatches(&self) -> Vec<String> {
+        let expected = [
+            ("hidden_size", self.hidden_size, kernel_dims::HIDDEN),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                kernel_dims::NUM_LAYERS,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                kernel_dims::NUM_Q_HEADS,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                kernel_dims::NUM_KV_HEADS,
+            ),
+            ("head_dim", self.head_dim, kernel_dims::HEAD_DIM),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                kernel_dims::INTERMEDIATE,
+            ),
+        ];
+        expected
+            .iter()
+            .filter(|(_, have, need)| have != need)
+            .map(|(name, have, need)| format!("{name}: checkpoint has {have}, kernels need {need}"))
+            .collect()
+    }
+
+    /// Fails with one line naming every mismatched field.
+    pub fn check_kernel_dims(&self) -> Result<()> {
+        let mismatches = self.kernel_mismatches();
+        if mismatches.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "this checkpoint does not have Qwen3-0.6B's dimensions, which the CUDA kernels are built for ({}); \
+             use --device cpu to run it on the CPU",
+            mismatches.join("; ")
+        )
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+}
+
+/// rope_theta lives at the top level in transformers 4 and under
+/// `rope_parameters` (or `rope_scaling`) in transformers 5. Only plain RoPE
+/// is implemented: any scaling type other than "default" is refused.
+fn rope_settings(json: &Value) -> Result<f64> {
+    let mut theta = json.get("rope_theta").and_then(Value::as_f64);
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(params) = json.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if kind != "default" {
+            bail!("{key} asks for RoPE type {kind:?}; qwen-mk implements only the default RoPE");
+        }
+        if let Some(t) = params.get("rope_theta").and_then(Value::as_f64) {
+            theta = Some(t);
+        }
+    }
+    let theta = theta.context("config has no rope_theta (top level or in rope_parameters)")?;
+    if !(theta.is_finite() && theta > 1.0) {
+        bail!("rope_theta is {theta}; it must be a finite number above 1");
+    }
+    Ok(theta)
+}
+
+fn usize_field(json: &Value, name: &str) -> Result<usize> {
+    let value = json
+        .get(name)
+        .with_context(|| format!("config has no field {name:?}"))?;
+    let n = value
+        .as_u64()
+        .with_context(|| format!("config field {name:?} is {value}, not a positive integer"))?;
+    if n == 0 {
+        bail!("config field {name:?} is 0");
+    }
+    usize::try_from(n).with_context(|| format!("config field {name:?} is too large"))
+}
+
+/// The end-of-sequence ids, from `generation_config.json` when present, else
+/// from `config.json`.
+pub fn eos_token_ids(model_dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let path = model_dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        match json.get("eos_token_id") {
+            Some(Value::Number(n)) => ids.extend(n.as_u64()),
+            Some(Value::Array(list)) => ids.extend(list.iter().filter_map(Value::as_u64)),
+            _ => {}
+        }
+        if !ids.is_empty() {
+            break;
+        }
+    }
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect())
+}

@@ -1,0 +1,142 @@
+//! `qwen-mk generate`: greedy generation on the GPU kernels or the CPU
+//! reference, streamed as text or reported as one JSON object.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::{DeviceKind, GenerateArgs};
+use crate::config::eos_token_ids;
+use crate::cpu_reference::{argmax, CpuModel, KvCache};
+use crate::gpu::GpuDecoder;
+use crate::model_source;
+use crate::tokenizer::Tokenizer;
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    if args.prompt.is_empty() {
+        bail!("the prompt is empty; pass some text with --prompt");
+    }
+    let load_start = Instant::now();
+    let dir = model_source::resolve(&args.model.model)?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let config = &checkpoint.config;
+    let limit = config.max_position_embeddings;
+    if args.max_new_tokens == 0 || args.max_new_tokens > limit {
+        bail!("--max-new-tokens must be between 1 and {limit} (the model's context)");
+    }
+    let tokenizer = Tokenizer::from_model_dir(&dir)?;
+    let prompt_ids = tokenizer.encode(&args.prompt)?;
+    if prompt_ids.is_empty() {
+        bail!("the prompt encodes to no tokens; pass some text with --prompt");
+    }
+    if prompt_ids.len() + args.max_new_tokens > limit {
+        bail!(
+            "the prompt ({} tokens) plus --max-new-tokens {} exceeds the model's context of {limit} tokens; shorten one of them",
+            prompt_ids.len(),
+            args.max_new_tokens
+        );
+    }
+    let eos = if args.ignore_eos {
+        Vec::new()
+    } else {
+        eos_token_ids(&dir)?
+    };
+
+    let mut stream = tokenizer.stream();
+    let mut generated = Vec::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut emit = |token: u32| -> Result<()> {
+        generated.push(token);
+        if !args.json {
+            write!(stdout, "{}", stream.push(token)?)?;
+            stdout.flush()?;
+        }
+        Ok(())
+    };
+    let (device_name, load_ms, first_token_ms, rest_ms) = match args.device {
+        DeviceKind::Cuda => {
+            let context = prompt_ids.len() + args.max_new_tokens;
+            let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
+            let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+            let (first, rest) =
+                decoder.generate(&prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
+            (decoder.device.name.clone(), load_ms, first, rest)
+        }
+        DeviceKind::Cpu => {
+            let model = CpuModel::load(&checkpoint);
+            let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+            let (first, rest) =
+                cpu_generate(&model, &prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
+            ("cpu".to_string(), load_ms, first, rest)
+        }
+    };
+    drop(stdout);
+
+    let hit_eos = generated.last().is_some_and(|t| eos.contains(t));
+    let decode_tokens = generated.len().saturating_sub(1);
+    let tokens_per_s = if rest_ms > 0.0 {
+        decode_tokens as f64 / (rest_ms * 1e-3)
+    } else {
+        0.0
+    };
+    if args.json {
+        let report = json!({
+            "model": dir.display().to_string(),
+            "device": device_name,
+            "prompt": args.prompt,
+            "prompt_ids": prompt_ids,
+            "generated_ids": generated,
+            "text": tokenizer.decode(&generated)?,
+            "stop_reason": if hit_eos { "eos" } else { "max_new_tokens" },
+            "timings": {
+                "load_ms": load_ms,
+                "first_token_ms": first_token_ms,
+                "decode_ms": rest_ms,
+                "decode_tokens_per_s": tokens_per_s,
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens, one at a time), then {tokens_per_s:.1} tok/s on {device_name}]",
+            generated.len(),
+            prompt_ids.len()
+        );
+    }
+    Ok(())
+}
+
+/// Greedy decoding on the CPU reference; returns the same timings as the
+/// GPU path.
+pub fn cpu_generate(
+    model: &CpuModel,
+    prompt: &[u32],
+    max_new: usize,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut cache = KvCache::new(&model.config);
+    let mut logits = Vec::new();
+    for &token in prompt {
+        logits = model.forward(token, &mut cache, None);
+    }
+    let mut first_token_ms = 0.0;
+    for i in 0..max_new {
+        let token = argmax(&logits) as u32;
+        if i == 0 {
+            first_token_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        on_token(token)?;
+        if eos.contains(&token) || i + 1 == max_new {
+            break;
+        }
+        logits = model.forward(token, &mut cache, None);
+    }
+    let total = start.elapsed().as_secs_f64() * 1e3;
+    Ok((first_token_ms, total - first_token_ms))
+}

@@ -1,0 +1,491 @@
+//! The GPU decoder: weights, KV cache and activations on the device, and the
+//! device-side token loop. One decode step is two launches, the cooperative
+//! megakernel (`decode_step`) and the LM head (`lm_head`); the LM head writes
+//! the next token where the next step reads it, so steps are queued without
+//! the host waiting on any of them. The host learns each token through a
+//! pinned, mapped buffer the LM head writes, polled behind per-step events.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::sys::{self, CUevent_flags};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
+};
+
+use super::device::Device;
+use super::weights::GpuWeights;
+use crate::checkpoint::Checkpoint;
+use crate::kernel_dims::{
+    ATTN_MAX_CHUNK, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS, NUM_KV_HEADS,
+    NUM_LAYERS, NUM_Q_HEADS, QKV_ROWS, Q_DIM,
+};
+
+/// Mirrors `DecodeState` in kernels/common.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct DecodeState {
+    pos: u32,
+    n_fixed: u32,
+    done: u32,
+    stop_on_eos: u32,
+    eos_ids: [u32; 4],
+    n_eos: u32,
+}
+const STATE_WORDS: usize = std::mem::size_of::<DecodeState>() / 4;
+
+/// Mirrors `DecodeParams` in kernels/decode_megakernel.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeParams {
+    layers: u64,
+    embed: u64,
+    inv_freq: u64,
+    k_cache: u64,
+    v_cache: u64,
+    x: u64,
+    qkv: u64,
+    attn: u64,
+    mlp: u64,
+    attn_partials: u64,
+    attn_counters: u64,
+    barrier: u64,
+    state: u64,
+    tokens: u64,
+    context: u32,
+    max_chunks: u32,
+    eps: f32,
+}
+unsafe impl DeviceRepr for DecodeParams {}
+
+/// Mirrors `LmHeadParams` in kernels/lm_head.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LmHeadParams {
+    x: u64,
+    final_norm: u64,
+    head: u64,
+    logits: u64,
+    block_best: u64,
+    blocks_done: u64,
+    state: u64,
+    tokens: u64,
+    predicted: u64,
+    host_tokens: u64,
+    vocab: u32,
+    context: u32,
+    eps: f32,
+}
+unsafe impl DeviceRepr for LmHeadParams {}
+
+/// Steps queued ahead of the one whose token the host waits for.
+const LOOKAHEAD: usize = 8;
+
+pub struct GpuDecoder {
+    pub device: Device,
+    pub stream: Arc<CudaStream>,
+    pub vocab: usize,
+    pub context: usize,
+    pub decode_blocks: u32,
+    pub lm_head_blocks: u32,
+    k_cache: CudaSlice<u16>,
+    v_cache: CudaSlice<u16>,
+    /// Held only to keep the device memory the parameter structs point at.
+    _buffers: (
+        GpuWeights,
+        CudaSlice<f32>,
+        CudaSlice<f32>,
+        CudaSlice<u32>,
+        CudaSlice<u64>,
+    ),
+    state: CudaSlice<u32>,
+    tokens: CudaSlice<u32>,
+    predicted: CudaSlice<u32>,
+    logits: CudaSlice<f32>,
+    host_tokens: PinnedHostSlice<u32>,
+    decode_params: DecodeParams,
+    lm_params: LmHeadParams,
+}
+
+fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    slice.device_ptr(stream).0
+}
+
+/// Bytes of KV cache per cached position.
+pub const KV_BYTES_PER_POSITION: usize = 2 * NUM_LAYERS * NUM_KV_HEADS * HEAD_DIM * 2;
+
+impl GpuDecoder {
+    /// Loads the checkpoint onto GPU `ordinal` with a KV cache of `context`
+    /// positions.
+    pub fn new(checkpoint: &Checkpoint, context: usize, ordinal: usize) -> Result<Self> {
+        let config = &checkpoint.config;
+        config.check_kernel_dims()?;
+        if context == 0 || context > config.max_position_embeddings {
+            bail!(
+                "a context of {context} positions is outside what the model supports (1 to {})",
+                config.max_position_embeddings
+            );
+        }
+        let device = Device::open(ordinal)?;
+        let ctx = device.ctx.clone();
+        let stream = ctx.default_stream();
+
+        let (free, _) = ctx.mem_get_info()?;
+        let kv_bytes = KV_BYTES_PER_POSITION * context;
+        let weight_bytes = 2
+            * (NUM_LAYERS * crate::kernel_dims::layer_layout::STRIDE
+                + (1 + usize::from(!config.tie_word_embeddings)) * config.vocab_size * HIDDEN);
+        if weight_bytes + kv_bytes + (64 << 20) > free {
+            bail!(
+                "{} has {:.1} GB free, but the weights and a KV cache of {context} positions need {:.1} GB; use a shorter context",
+                device.name,
+                free as f64 / 1e9,
+                (weight_bytes + kv_bytes) as f64 / 1e9
+            );
+        }
+
+        // Grid: one resident block per SM, checked by the occupancy API and
+        // enforced by the cooperative launch.
+        let per_sm = device
+            .decode_step
+            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS as u32, 0, None)?;
+        if per_sm == 0 {
+            bail!(
+                "the decode kernel cannot be resident on {} (occupancy 0)",
+                device.name
+            );
+        }
+        let decode_blocks = device.sm_count;
+        let lm_per_sm = device
+            .lm_head
+            .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
+            .clamp(1, 4);
+        let lm_head_blocks = device.sm_count * lm_per_sm;
+        let max_chunks = (decode_blocks as usize / NUM_KV_HEADS)
+            .max(1)
+            .max(context.div_ceil(ATTN_MAX_CHUNK));
+
+        let weights = GpuWeights::upload(checkpoint, &stream)?;
+        let kv_elems = NUM_LAYERS * NUM_KV_HEADS * context * HEAD_DIM;
+        let k_cache = stream
+            .alloc_zeros::<u16>(kv_elems)
+            .context("cannot allocate the KV cache")?;
+        let v_cache = stream
+            .alloc_zeros::<u16>(kv_elems)
+            .context("cannot allocate the KV cache")?;
+        // x | qkv | attn | mlp, each 256-byte aligned (all sizes are multiples of 64 floats).
+        let activations = stream.alloc_zeros::<f32>(HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE)?;
+        let attn_partials = stream.alloc_zeros::<f32>(NUM_Q_HEADS * max_chunks * (HEAD_DIM + 2))?;
+        // attention counters | grid barrier (arrived, generation) | LM-head blocks done
+        let counters = stream.alloc_zeros::<u32>(NUM_KV_HEADS + 2 + 1)?;
+        let state = stream.alloc_zeros::<u32>(STATE_WORDS)?;
+        let tokens = stream.alloc_zeros::<u32>(context + 1)?;
+        let predicted = stream.alloc_zeros::<u32>(context)?;
+        let block_best = stream.alloc_zeros::<u64>(lm_head_blocks as usize)?;
+        let logits = stream.alloc_zeros::<f32>(config.vocab_size)?;
+        let host_tokens =
+            unsafe { ctx.alloc_pinned_with_flags::<u32>(context, sys::CU_MEMHOSTALLOC_DEVICEMAP) }?;
+        let mut host_tokens_device: sys::CUdeviceptr = 0;
+        unsafe {
+            sys::cuMemHostGetDevicePointer_v2(
+                &mut host_tokens_device,
+                host_tokens.as_ptr()? as *mut _,
+                0,
+            )
+            .result()
+            .context("cannot map the host token buffer into the GPU")?;
+        }
+
+        let act = ptr(&activations, &stream);
+        let count = ptr(&counters, &stream);
+        let eps = config.rms_norm_eps as f32;
+        let decode_params = DecodeParams {
+            layers: ptr(&weights.layers, &stream),
+            embed: ptr(&weights.embed, &stream),
+            inv_freq: ptr(&weights.inv_freq, &stream),
+            k_cache: ptr(&k_cache, &stream),
+            v_cache: ptr(&v_cache, &stream),
+            x: act,
+            qkv: act + 4 * HIDDEN as u64,
+            attn: act + 4 * (HIDDEN + QKV_ROWS) as u64,
+            mlp: act + 4 * (HIDDEN + QKV_ROWS + Q_DIM) as u64,
+            attn_partials: ptr(&attn_partials, &stream),
+            attn_counters: count,
+            barrier: count + 4 * NUM_KV_HEADS as u64,
+            state: ptr(&state, &stream),
+            tokens: ptr(&tokens, &stream),
+            context: context as u32,
+            max_chunks: max_chunks as u32,
+            eps,
+        };
+        let lm_params = LmHeadParams {
+            x: act,
+            final_norm: ptr(&weights.final_norm, &stream),
+            head: ptr(weights.head(), &stream),
+            logits: 0,
+            block_best: ptr(&block_best, &stream),
+            blocks_done: count + 4 * (NUM_KV_HEADS + 2) as u64,
+            state: ptr(&state, &stream),
+            tokens: ptr(&tokens, &stream),
+            predicted: ptr(&predicted, &stream),
+            host_tokens: host_tokens_device,
+            vocab: config.vocab_size as u32,
+            context: context as u32,
+            eps,
+        };
+        stream.synchronize()?;
+        Ok(Self {
+            device,
+            stream,
+            vocab: config.vocab_size,
+            context,
+            decode_blocks,
+            lm_head_blocks,
+            k_cache,
+            v_cache,
+            _buffers: (weights, activations, attn_partials, counters, block_best),
+            state,
+            tokens,
+            predicted,
+            logits,
+            host_tokens,
+            decode_params,
+            lm_params,
+        })
+    }
+
+    /// Starts a new sequence: `tokens[..n_fixed]` are given (the prompt, or
+    /// a whole teacher-forced sequence); decoding starts at `start_pos`.
+    pub fn reset(
+        &mut self,
+        tokens: &[u32],
+        n_fixed: usize,
+        start_pos: usize,
+        eos: Option<&[u32]>,
+    ) -> Result<()> {
+        if tokens.len() > self.context + 1 || n_fixed > tokens.len() {
+            bail!(
+                "{} tokens do not fit a context of {}",
+                tokens.len(),
+                self.context
+            );
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary of {}", self.vocab);
+        }
+        let mut state = DecodeState {
+            pos: start_pos as u32,
+            n_fixed: n_fixed as u32,
+            stop_on_eos: u32::from(eos.is_some()),
+            ..Default::default()
+        };
+        for (slot, id) in state.eos_ids.iter_mut().zip(eos.unwrap_or(&[])) {
+            *slot = *id;
+            state.n_eos += 1;
+        }
+        let words: [u32; STATE_WORDS] = unsafe { std::mem::transmute(state) };
+        self.stream.memcpy_htod(&words, &mut self.state)?;
+        if !tokens.is_empty() {
+            self.stream
+                .memcpy_htod(tokens, &mut self.tokens.slice_mut(..tokens.len()))?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Queues one decode step (megakernel + LM head). With `want_logits` the
+    /// LM head also writes the logits, read back by `logits()`.
+    pub fn enqueue_step(&self, want_logits: bool) -> Result<()> {
+        self.enqueue_decode()?;
+        self.enqueue_lm_head(want_logits)
+    }
+
+    pub fn enqueue_decode(&self) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (self.decode_blocks, 1, 1),
+            block_dim: (DECODE_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.device.decode_step);
+        launch.arg(&self.decode_params);
+        unsafe { launch.launch_cooperative(cfg) }.context("decode kernel launch failed")?;
+        Ok(())
+    }
+
+    pub fn enqueue_lm_head(&self, want_logits: bool) -> Result<()> {
+        let mut params = self.lm_params;
+        if want_logits {
+            params.logits = ptr(&self.logits, &self.stream);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (self.lm_head_blocks, 1, 1),
+            block_dim: (LM_HEAD_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.device.lm_head);
+        launch.arg(&params);
+        unsafe { launch.launch(cfg) }.context("LM-head kernel launch failed")?;
+        Ok(())
+    }
+
+    /// The logits the last `enqueue_step(true)` wrote (waits for it).
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        Ok(self.stream.clone_dtoh(&self.logits)?)
+    }
+
+    /// The argmax the LM head recorded at each of `positions` (waits).
+    pub fn predicted(&self, positions: std::ops::Range<usize>) -> Result<Vec<u32>> {
+        Ok(self.stream.clone_dtoh(&self.predicted.slice(positions))?)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    pub fn new_timing_event(&self) -> Result<CudaEvent> {
+        Ok(self
+            .device
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
+    /// Greedy decoding: runs the prompt through the decode kernel one token
+    /// at a time, then generates until an EOS id or `max_new` tokens,
+    /// calling `on_token` for each generated token as soon as the GPU has it.
+    /// Returns (time to first token, time of the rest) in ms.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: &[u32],
+        mut on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<(f64, f64)> {
+        if prompt.is_empty() || max_new == 0 {
+            bail!("generation needs a non-empty prompt and at least one new token");
+        }
+        let total_steps = prompt.len() + max_new - 1;
+        if total_steps > self.context {
+            bail!(
+                "the prompt ({} tokens) plus {max_new} new tokens needs a context of {}, but the cache holds {}",
+                prompt.len(),
+                total_steps + 1,
+                self.context
+            );
+        }
+        self.reset(prompt, prompt.len(), 0, Some(eos))?;
+        let events: Vec<CudaEvent> = (0..LOOKAHEAD + 1)
+            .map(|_| {
+                self.device
+                    .ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            })
+            .collect::<Result<_, _>>()?;
+        let start = std::time::Instant::now();
+        let mut first_token_ms = 0.0;
+        let mut pending: VecDeque<(usize, usize)> = VecDeque::new(); // (position, event index)
+        let first_output = prompt.len() - 1;
+        let mut launched = 0;
+        let mut produced = 0;
+        'steps: while produced < max_new {
+            // Keep the queue full; prompt positions need no waiting at all.
+            while launched < total_steps && pending.len() < LOOKAHEAD {
+                self.enqueue_step(false)?;
+                if launched >= first_output {
+                    let slot = launched % events.len();
+                    events[slot].record(&self.stream)?;
+                    pending.push_back((launched, slot));
+                }
+                launched += 1;
+            }
+            let Some((pos, slot)) = pending.pop_front() else {
+                break;
+            };
+            events[slot].synchronize()?;
+            let host = self.host_tokens.as_ptr()?;
+            // SAFETY: the event completed, so the LM head's write to this slot is done.
+            let token = unsafe { std::ptr::read_volatile(host.add(pos)) };
+            if produced == 0 {
+                first_token_ms = start.elapsed().as_secs_f64() * 1e3;
+            }
+            produced += 1;
+            on_token(token)?;
+            if eos.contains(&token) {
+                break 'steps; // queued steps see `done` and return at once
+            }
+        }
+        self.synchronize()?;
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok((first_token_ms, total_ms - first_token_ms))
+    }
+
+    /// Random contents for cache positions [0, positions): timing attention at
+    /// a long context without decoding that many tokens first.
+    pub fn fill_cache_random(&mut self, positions: usize, seed: u32) -> Result<()> {
+        let n = (NUM_LAYERS * NUM_KV_HEADS * self.context * HEAD_DIM) as u64;
+        let _ = positions; // the whole cache is filled: cheap, and simpler
+        for (cache, salt) in [(&self.k_cache, 0u32), (&self.v_cache, 1)] {
+            let cfg = LaunchConfig {
+                grid_dim: (self.device.sm_count * 8, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let p = ptr(cache, &self.stream);
+            let s = seed.wrapping_mul(2).wrapping_add(salt);
+            let mut launch = self.stream.launch_builder(&self.device.fill_random_bf16);
+            launch.arg(&p).arg(&n).arg(&s);
+            unsafe { launch.launch(cfg) }?;
+        }
+        self.synchronize()
+    }
+
+    /// The device's streaming read bandwidth in bytes/s, over `bytes` bytes
+    /// (median of `repeats`).
+    pub fn measure_read_bandwidth(&self, bytes: usize, repeats: usize) -> Result<f64> {
+        let words = bytes / 16;
+        let buffer = self.stream.alloc_zeros::<u8>(words * 16)?;
+        let sink = self.stream.alloc_zeros::<u32>(1)?;
+        let (src, sink_ptr, n) = (
+            ptr(&buffer, &self.stream),
+            ptr(&sink, &self.stream),
+            words as u64,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (self.device.sm_count * 4, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut times = Vec::new();
+        for i in 0..repeats + 1 {
+            let (a, b) = (self.new_timing_event()?, self.new_timing_event()?);
+            a.record(&self.stream)?;
+            let mut launch = self.stream.launch_builder(&self.device.read_bandwidth);
+            launch.arg(&src).arg(&n).arg(&sink_ptr);
+            unsafe { launch.launch(cfg) }?;
+            b.record(&self.stream)?;
+            b.synchronize()?;
+            if i > 0 {
+                times.push(a.elapsed_ms(&b)? as f64); // the first run is warm-up
+            }
+        }
+        Ok((words * 16) as f64 / (median(&mut times) * 1e-3))
+    }
+
+    /// Bytes one decode step must read at `position`: every weight once and
+    /// the KV cache up to that position.
+    pub fn bytes_per_step(&self, position: usize) -> usize {
+        let layers = 2 * NUM_LAYERS * crate::kernel_dims::layer_layout::STRIDE;
+        let head = 2 * self.vocab * HIDDEN;
+        layers + head + KV_BYTES_PER_POSITION * (position + 1)
+    }
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => 0.5 * (values[n / 2 - 1] + values[n / 2]),
+    }
+}

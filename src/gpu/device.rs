@@ -1,0 +1,83 @@
+//! Opening the GPU: a clear error when there is no driver, no device, or a
+//! device this build has no machine code for; the embedded kernels loaded.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub name: String,
+    pub sm_count: u32,
+    pub compute_capability: (i32, i32),
+    _modules: Vec<Arc<CudaModule>>,
+    pub decode_step: CudaFunction,
+    pub lm_head: CudaFunction,
+    pub fill_random_bf16: CudaFunction,
+    pub read_bandwidth: CudaFunction,
+}
+
+impl Device {
+    pub fn open(ordinal: usize) -> Result<Self> {
+        // cudarc panics when libcuda is missing: look first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("no NVIDIA driver found (libcuda.so is not loadable); --device cuda needs an NVIDIA GPU, use --device cpu otherwise");
+        }
+        let count = CudaContext::device_count().map_err(|e| {
+            anyhow::anyhow!(
+                "the NVIDIA driver reports an error ({e}); no usable GPU, use --device cpu"
+            )
+        })?;
+        if count <= 0 {
+            bail!("no CUDA GPU is visible; use --device cpu");
+        }
+        if ordinal >= count as usize {
+            bail!("--gpu {ordinal} does not exist: {count} GPU(s) visible");
+        }
+        let ctx = CudaContext::new(ordinal).context("cannot create a CUDA context")?;
+        // One stream, raw pointers inside kernel parameter structs: cudarc's
+        // per-buffer event tracking would only add work.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        let compute_capability = ctx.compute_capability()?;
+        let (major, minor) = compute_capability;
+        let arch = format!("{major}{minor}");
+        let built_for: Vec<&str> = embedded::CUDA_ARCHS
+            .split(',')
+            .map(|a| a.trim().trim_end_matches('a'))
+            .collect();
+        if !built_for.contains(&arch.as_str()) {
+            bail!(
+                "{name} is sm_{arch}, but this build of qwen-mk has machine code for sm_{} only; rebuild with QWEN_MK_CUDA_ARCHS={arch}a",
+                embedded::CUDA_ARCHS.replace(',', ", sm_")
+            );
+        }
+        let sm_count =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let load = |image: &[u8]| {
+            ctx.load_module(Ptx::from_binary(image.to_vec()))
+                .context("cannot load the embedded CUDA kernels")
+        };
+        let decode_module = load(embedded::DECODE_MEGAKERNEL)?;
+        let lm_head_module = load(embedded::LM_HEAD)?;
+        let bench_module = load(embedded::BENCH_KERNELS)?;
+        Ok(Self {
+            decode_step: decode_module.load_function("decode_step")?,
+            lm_head: lm_head_module.load_function("lm_head")?,
+            fill_random_bf16: bench_module.load_function("fill_random_bf16")?,
+            read_bandwidth: bench_module.load_function("read_bandwidth")?,
+            _modules: vec![decode_module, lm_head_module, bench_module],
+            ctx,
+            name,
+            sm_count,
+            compute_capability,
+        })
+    }
+}

@@ -1,0 +1,73 @@
+// The dimensions the CUDA kernels are compiled for: those of Qwen3-0.6B.
+//
+// This file is the one place they are written. `build.rs` includes it and
+// passes each constant to nvcc as a `-D` macro, and the loader checks a
+// checkpoint's config against it before anything reaches the GPU.
+// Vocabulary size, tied or untied head, RoPE theta and RMSNorm epsilon are
+// run-time values and do not appear here.
+
+pub const HIDDEN: usize = 1024;
+pub const NUM_LAYERS: usize = 28;
+pub const NUM_Q_HEADS: usize = 16;
+pub const NUM_KV_HEADS: usize = 8;
+pub const HEAD_DIM: usize = 128;
+pub const INTERMEDIATE: usize = 3072;
+
+pub const Q_DIM: usize = NUM_Q_HEADS * HEAD_DIM;
+pub const KV_DIM: usize = NUM_KV_HEADS * HEAD_DIM;
+/// Rows of the fused Q, K, V projection, in that order.
+pub const QKV_ROWS: usize = Q_DIM + 2 * KV_DIM;
+
+/// Where each weight of one layer starts in the packed per-layer buffer the
+/// decode kernel reads, in bf16 elements. Matrices are row-major
+/// (out_features x in_features), as in the checkpoint, and start on a
+/// 256-byte boundary so every 16-byte load is aligned.
+pub mod layer_layout {
+    use super::*;
+    pub const INPUT_NORM: usize = 0;
+    pub const POST_ATTN_NORM: usize = INPUT_NORM + HIDDEN;
+    pub const Q_NORM: usize = POST_ATTN_NORM + HIDDEN;
+    pub const K_NORM: usize = Q_NORM + HEAD_DIM;
+    pub const QKV: usize = align(K_NORM + HEAD_DIM);
+    pub const O: usize = QKV + QKV_ROWS * HIDDEN;
+    pub const GATE: usize = O + HIDDEN * Q_DIM;
+    pub const UP: usize = GATE + INTERMEDIATE * HIDDEN;
+    pub const DOWN: usize = UP + INTERMEDIATE * HIDDEN;
+    /// Elements from one layer's start to the next's.
+    pub const STRIDE: usize = align(DOWN + HIDDEN * INTERMEDIATE);
+
+    const fn align(elements: usize) -> usize {
+        elements.div_ceil(128) * 128
+    }
+}
+
+/// Threads per block of the decode megakernel (16 warps).
+pub const DECODE_THREADS: usize = 512;
+/// Threads per block of the LM-head kernel.
+pub const LM_HEAD_THREADS: usize = 512;
+/// Longest run of cached positions one attention task scores at once; it
+/// bounds the shared memory the attention phase needs.
+pub const ATTN_MAX_CHUNK: usize = 2048;
+
+/// The macros nvcc receives, in `-DNAME=VALUE` form.
+pub const KERNEL_DEFINES: &[(&str, usize)] = &[
+    ("QMK_HIDDEN", HIDDEN),
+    ("QMK_NUM_LAYERS", NUM_LAYERS),
+    ("QMK_NUM_Q_HEADS", NUM_Q_HEADS),
+    ("QMK_NUM_KV_HEADS", NUM_KV_HEADS),
+    ("QMK_HEAD_DIM", HEAD_DIM),
+    ("QMK_INTERMEDIATE", INTERMEDIATE),
+    ("QMK_DECODE_THREADS", DECODE_THREADS),
+    ("QMK_LM_HEAD_THREADS", LM_HEAD_THREADS),
+    ("QMK_ATTN_MAX_CHUNK", ATTN_MAX_CHUNK),
+    ("QMK_OFF_INPUT_NORM", layer_layout::INPUT_NORM),
+    ("QMK_OFF_POST_ATTN_NORM", layer_layout::POST_ATTN_NORM),
+    ("QMK_OFF_Q_NORM", layer_layout::Q_NORM),
+    ("QMK_OFF_K_NORM", layer_layout::K_NORM),
+    ("QMK_OFF_QKV", layer_layout::QKV),
+    ("QMK_OFF_O", layer_layout::O),
+    ("QMK_OFF_GATE", layer_layout::GATE),
+    ("QMK_OFF_UP", layer_layout::UP),
+    ("QMK_OFF_DOWN", layer_layout::DOWN),
+    ("QMK_LAYER_STRIDE", layer_layout::STRIDE),
+];

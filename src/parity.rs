@@ -1,0 +1,263 @@
+//! `qwen-mk parity`: the GPU kernels against a transformers reference
+//! (reference/README.md documents the file).
+//!
+//! qwen-mk runs teacher-forced on the float32 truth's sequence. A near-tie is
+//! a step where the truth's top-2 logprob margin is below transformers-bf16's
+//! largest logprob error. The run passes when qwen-mk's mean and max absolute
+//! logprob error against the truth (on the truth's top-20 ids) are no larger
+//! than transformers-bf16's, and qwen-mk's top-1 equals the truth's at every
+//! step that is not a near-tie. A free-running greedy run is printed beside
+//! it up to the first near-tie, and must agree there too.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::ParityArgs;
+use crate::cpu_reference::argmax;
+use crate::gpu::GpuDecoder;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Deserialize)]
+pub struct Reference {
+    pub format: String,
+    pub model: ReferenceModel,
+    pub prompt_ids: Vec<u32>,
+    pub truth: Truth,
+    pub peer: Peer,
+}
+
+#[derive(Deserialize)]
+pub struct ReferenceModel {
+    pub dir: String,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+pub struct Truth {
+    pub ids: Vec<u32>,
+    pub top_ids: Vec<Vec<u32>>,
+    pub top_logprobs: Vec<Vec<f64>>,
+}
+
+#[derive(Deserialize)]
+pub struct Peer {
+    pub logprobs_at_truth_top: Vec<Vec<f64>>,
+}
+
+impl Reference {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read reference file {}", path.display()))?;
+        let reference: Reference = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a qwen-mk parity reference", path.display()))?;
+        if reference.format != "qwen-mk-parity/1" {
+            bail!(
+                "{} has format {:?}, expected \"qwen-mk-parity/1\"",
+                path.display(),
+                reference.format
+            );
+        }
+        let steps = reference.truth.ids.len();
+        if steps == 0
+            || reference.prompt_ids.is_empty()
+            || reference.truth.top_ids.len() != steps
+            || reference.truth.top_logprobs.len() != steps
+            || reference.peer.logprobs_at_truth_top.len() != steps
+        {
+            bail!(
+                "{} is inconsistent: the per-step arrays differ in length",
+                path.display()
+            );
+        }
+        Ok(reference)
+    }
+
+    /// Mean and max |peer - truth| over every step's top-20 ids.
+    pub fn peer_errors(&self) -> (f64, f64) {
+        let errors = self
+            .truth
+            .top_logprobs
+            .iter()
+            .zip(&self.peer.logprobs_at_truth_top)
+            .flat_map(|(truth, peer)| truth.iter().zip(peer).map(|(t, p)| (t - p).abs()));
+        mean_max(errors)
+    }
+
+    /// Steps whose truth top-2 margin is below `threshold`.
+    pub fn near_ties(&self, threshold: f64) -> Vec<bool> {
+        self.truth
+            .top_logprobs
+            .iter()
+            .map(|lp| lp.len() > 1 && lp[0] - lp[1] < threshold)
+            .collect()
+    }
+}
+
+fn mean_max(errors: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut sum, mut max, mut n) = (0.0, 0.0f64, 0usize);
+    for e in errors {
+        sum += e;
+        max = max.max(e);
+        n += 1;
+    }
+    (sum / n.max(1) as f64, max)
+}
+
+/// log_softmax of `logits` at `ids`, in f64.
+fn logprobs_at(logits: &[f32], ids: &[u32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    ids.iter()
+        .map(|&id| logits[id as usize] as f64 - log_sum)
+        .collect()
+}
+
+/// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
+/// problem.
+pub fn run(args: &ParityArgs) -> Result<bool> {
+    let reference = Reference::load(&args.reference)?;
+    let model_dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| reference.model.dir.clone());
+    let checkpoint = Checkpoint::open(Path::new(&model_dir))?;
+    for (key, value) in &reference.model.metadata {
+        if key.starts_with("qwen_mk") && checkpoint.metadata.get(key) != Some(value) {
+            bail!(
+                "checkpoint {model_dir} is not the one the reference was made from ({key} is {:?}, the reference says {value:?}); \
+                 regenerate it as reference/README.md says",
+                checkpoint.metadata.get(key)
+            );
+        }
+    }
+    let tokenizer = Tokenizer::from_model_dir(Path::new(&model_dir))?;
+    let prompt = &reference.prompt_ids;
+    let truth = &reference.truth;
+    let steps = truth.ids.len();
+    let mut decoder = GpuDecoder::new(&checkpoint, prompt.len() + steps, args.gpu)?;
+    println!(
+        "parity: {} on {} ({} blocks), prompt {} tokens, {steps} steps",
+        args.reference.display(),
+        decoder.device.name,
+        decoder.decode_blocks,
+        prompt.len()
+    );
+
+    // Teacher-forced on the truth's sequence.
+    let sequence: Vec<u32> = prompt.iter().chain(&truth.ids).copied().collect();
+    decoder.reset(&sequence, sequence.len(), 0, None)?;
+    for _ in 0..prompt.len() - 1 {
+        decoder.enqueue_step(false)?;
+    }
+    let mut our_errors = Vec::with_capacity(steps);
+    let mut our_top1 = Vec::with_capacity(steps);
+    for step in 0..steps {
+        decoder.enqueue_step(true)?;
+        let logits = decoder.logits()?;
+        let ours = logprobs_at(&logits, &truth.top_ids[step]);
+        our_errors.extend(
+            ours.iter()
+                .zip(&truth.top_logprobs[step])
+                .map(|(o, t)| (o - t).abs()),
+        );
+        our_top1.push(argmax(&logits) as u32);
+    }
+    let first = prompt.len() - 1;
+    let kernel_top1 = decoder.predicted(first..first + steps)?;
+    if kernel_top1 != our_top1 {
+        let step = kernel_top1
+            .iter()
+            .zip(&our_top1)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        println!(
+            "FAIL: the LM-head kernel's argmax ({}) differs from the argmax of its own logits ({}) at step {step}",
+            kernel_top1[step], our_top1[step]
+        );
+        return Ok(false);
+    }
+
+    let (peer_mean, peer_max) = reference.peer_errors();
+    let (our_mean, our_max) = mean_max(our_errors.iter().copied());
+    let near_tie = reference.near_ties(peer_max);
+    let top1_misses: Vec<usize> = (0..steps)
+        .filter(|&s| !near_tie[s] && our_top1[s] != truth.ids[s])
+        .collect();
+    let first_near_tie = near_tie.iter().position(|&t| t).unwrap_or(steps);
+
+    // Free-running greedy from the prompt, compared up to the first near-tie.
+    let mut free = Vec::with_capacity(steps);
+    decoder.generate(prompt, steps, &[], |t| {
+        free.push(t);
+        Ok(())
+    })?;
+    println!("\nfree-running greedy vs the float32 truth, up to the first near-tie (step {first_near_tie}):");
+    println!(
+        "{:>6} {:>8} {:>8}  {:<24} {:<24} match",
+        "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text"
+    );
+    let mut free_mismatch = None;
+    for step in 0..first_near_tie.min(steps) {
+        let (r, o) = (truth.ids[step], free[step]);
+        if r != o && free_mismatch.is_none() {
+            free_mismatch = Some(step);
+        }
+        println!(
+            "{:>6} {:>8} {:>8}  {:<24} {:<24} {}",
+            prompt.len() + step,
+            r,
+            o,
+            format!("{:?}", tokenizer.decode(&[r])?),
+            format!("{:?}", tokenizer.decode(&[o])?),
+            if r == o { "ok" } else { "MISMATCH" }
+        );
+    }
+
+    let pass = our_mean <= peer_mean
+        && our_max <= peer_max
+        && top1_misses.is_empty()
+        && free_mismatch.is_none();
+    println!(
+        "\nteacher-forced logprob error vs float32 truth (top-20 ids, {steps} steps):\n  qwen-mk           mean {our_mean:.5}  max {our_max:.5}\n  transformers-bf16 mean {peer_mean:.5}  max {peer_max:.5}"
+    );
+    println!(
+        "near-ties (truth top-2 margin < {peer_max:.5}): {}; top-1 mismatches outside near-ties: {:?}",
+        near_tie.iter().filter(|&&t| t).count(),
+        top1_misses
+    );
+    println!(
+        "{}: qwen-mk error {} transformers-bf16's (mean {our_mean:.5} vs {peer_mean:.5}, max {our_max:.5} vs {peer_max:.5}); top-1 {} at all {} non-near-tie steps; free-running greedy {}",
+        if pass { "PASS" } else { "FAIL" },
+        if our_mean <= peer_mean && our_max <= peer_max { "is within" } else { "EXCEEDS" },
+        if top1_misses.is_empty() { "matches" } else { "DIFFERS" },
+        near_tie.iter().filter(|&&t| !t).count(),
+        match free_mismatch {
+            None => format!("matches up to step {first_near_tie}"),
+            Some(s) => format!("DIVERGES at step {s}"),
+        }
+    );
+    if let Some(path) = &args.json {
+        let report = json!({
+            "reference": args.reference.display().to_string(),
+            "device": decoder.device.name,
+            "pass": pass,
+            "qwen_mk": {"mean_abs_err": our_mean, "max_abs_err": our_max, "top1": our_top1, "free_running": free},
+            "peer": {"mean_abs_err": peer_mean, "max_abs_err": peer_max},
+            "near_ties": (0..steps).filter(|&s| near_tie[s]).collect::<Vec<_>>(),
+            "top1_mismatches": top1_misses,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(pass)
+}
