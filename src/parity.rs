@@ -207,8 +207,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text"
     );
     let mut free_mismatch = None;
-    for step in 0..first_near_tie.min(steps) {
-        let (r, o) = (truth.ids[step], free[step]);
+    for (step, (&r, &o)) in truth.ids.iter().zip(&free).enumerate().take(first_near_tie) {
         if r != o && free_mismatch.is_none() {
             free_mismatch = Some(step);
         }

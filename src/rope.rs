@@ -39,7 +39,7 @@ mod tests {
             "{} vs {last}",
             f[63]
         );
-        assert!(f[63] < 1.2e-6);
+        assert!(f[63] < 2e-6, "theta 1e4 would give 1.15e-4");
     }
 
     #[test]

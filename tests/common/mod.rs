@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qwen_mk::synthetic::{write_checkpoint, Shape, SyntheticSpec};
+
+pub fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/qwen3-0.6b")
+}
+
+pub fn reference_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("reference")
+        .join(name)
+}
+
+/// A tiny synthetic checkpoint in a fresh temporary directory.
+pub fn tiny_checkpoint(seed: u64, tied: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = SyntheticSpec {
+        shape: Shape::Tiny,
+        seed,
+        tied,
+    };
+    write_checkpoint(dir.path(), &assets(), &spec).expect("write tiny checkpoint");
+    dir
+}
+
+/// Runs the qwen-mk binary.
+pub fn qwen_mk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qwen-mk"))
+        .args(args)
+        .output()
+        .expect("run qwen-mk")
+}
+
+/// Asserts a failed run: non-zero exit, exactly one line on stderr that
+/// contains `needle`, no panic.
+pub fn assert_one_line_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "expected {needle:?} in: {stderr}"
+    );
+}
