@@ -198,9 +198,13 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
             qa[d] = sm.q[0][sub * 16 + d];
             qb[d] = sm.q[1][sub * 16 + d];
         }
+        // The loop bound is the same for the whole warp: the shuffles below
+        // need every lane, so a group past the end computes on a clamped key
+        // and discards it.
 #pragma unroll 2
-        for (int t = begin + warp * 4 + group; t < end; t += WARPS * 4) {
-            const bf16* key = k_cache + (size_t)t * HEAD_DIM + sub * 16;
+        for (int base = begin + warp * 4; base < end; base += WARPS * 4) {
+            const int t = base + group;
+            const bf16* key = k_cache + (size_t)min(t, end - 1) * HEAD_DIM + sub * 16;
             float k[16];
             unpack8(load_coherent16(key), k);
             unpack8(load_coherent16(key + 8), k + 8);
@@ -215,7 +219,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
                 sa += __shfl_xor_sync(0xffffffffu, sa, offset);
                 sb += __shfl_xor_sync(0xffffffffu, sb, offset);
             }
-            if (sub == 0) {
+            if (sub == 0 && t < end) {
                 sm.scores[0][t - begin] = sa * scale;
                 sm.scores[1][t - begin] = sb * scale;
             }

@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth ref-tiny ref ref-long parity parity-long bench peers generate
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate bench peers
 #   Logs and JSON go to $OUT (or /tmp/qwen-mk-out).
 set -uo pipefail
 BIN=${BIN:-.device/qwen-mk}
@@ -14,7 +14,7 @@ TINY=models/synth-tiny
 mkdir -p "$OUT" models
 export PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(synth ref-tiny ref parity generate bench)
+[ ${#steps[@]} -eq 0 ] && steps=(synth smoke ref-tiny ref parity generate bench)
 
 run() { # name, timeout seconds, command...
     local name=$1 limit=$2; shift 2
@@ -33,6 +33,10 @@ for step in "${steps[@]}"; do
     synth)
         run synth-0.6b 120 "$BIN" synth --out $M06 --shape 0.6b --seed 1
         run synth-tiny 60 "$BIN" synth --out $TINY --shape tiny --seed 1 ;;
+    smoke)
+        # A few steps first: a hang or crash here stops the round early.
+        run smoke 90 "$BIN" bench --model $M06 --positions 0,100 --steps 4 --repeats 1 || true
+        if ! grep -q "^smoke 0 " "$OUT/summary.txt"; then echo "smoke test failed: stopping"; break; fi ;;
     ref-tiny)
         run ref-tiny 300 python3 reference/make_reference.py --model $TINY --out "$OUT/tiny-tokens.json" --steps 32 ;;
     ref)
@@ -44,9 +48,9 @@ for step in "${steps[@]}"; do
     parity-long)
         run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json" ;;
     generate)
-        run generate 120 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
+        run generate 90 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
     bench)
-        run bench 300 "$BIN" bench --model $M06 --json
+        run bench 240 "$BIN" bench --model $M06 --json
         cp "$OUT/bench.log" "$OUT/bench.json" ;;
     peers)
         run peers 400 python3 benches/peers.py --model $M06 --json "$OUT/peers.json" ;;

@@ -46,7 +46,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 decoder.enqueue_step(false)?;
             }
             end.record(&decoder.stream)?;
-            end.synchronize()?;
+            decoder.wait(&end)?;
             if repeat > 0 {
                 times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64); // the first is warm-up
             }
@@ -73,7 +73,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
             }
             end.record(&decoder.stream)?;
-            end.synchronize()?;
+            decoder.wait(&end)?;
             if repeat > 0 {
                 times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64);
             }

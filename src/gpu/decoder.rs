@@ -83,6 +83,29 @@ unsafe impl DeviceRepr for LmHeadParams {}
 /// Steps queued ahead of the one whose token the host waits for.
 const LOOKAHEAD: usize = 8;
 
+/// How long the host waits for the GPU to reach an event before it calls
+/// the kernel hung.
+const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for `event`; if the GPU has not reached it within `WATCHDOG`, says
+/// so and exits the process. Exiting at once is deliberate: returning an
+/// error would drop device buffers, and freeing them waits for the hung
+/// kernel forever.
+fn wait_for(event: &CudaEvent, what: &str) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !event.try_is_complete().with_context(|| format!("the GPU failed during {what}"))? {
+        if start.elapsed() > WATCHDOG {
+            eprintln!(
+                "error: the GPU did not finish {what} within {} s; the kernel is hung (a bug: please report it)",
+                WATCHDOG.as_secs()
+            );
+            std::process::exit(3);
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
 pub struct GpuDecoder {
     pub device: Device,
     pub stream: Arc<CudaStream>,
@@ -291,8 +314,7 @@ impl GpuDecoder {
             self.stream
                 .memcpy_htod(tokens, &mut self.tokens.slice_mut(..tokens.len()))?;
         }
-        self.stream.synchronize()?;
-        Ok(())
+        self.synchronize()
     }
 
     /// Queues one decode step (megakernel + LM head). With `want_logits` the
@@ -332,16 +354,26 @@ impl GpuDecoder {
 
     /// The logits the last `enqueue_step(true)` wrote (waits for it).
     pub fn logits(&self) -> Result<Vec<f32>> {
+        self.synchronize()?;
         Ok(self.stream.clone_dtoh(&self.logits)?)
     }
 
     /// The argmax the LM head recorded at each of `positions` (waits).
     pub fn predicted(&self, positions: std::ops::Range<usize>) -> Result<Vec<u32>> {
+        self.synchronize()?;
         Ok(self.stream.clone_dtoh(&self.predicted.slice(positions))?)
     }
 
+    /// Waits for everything queued, under the watchdog.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(self.stream.synchronize()?)
+        let event = self.device.ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        event.record(&self.stream)?;
+        wait_for(&event, "the queued work")
+    }
+
+    /// Waits for one recorded event, under the watchdog.
+    pub fn wait(&self, event: &CudaEvent) -> Result<()> {
+        wait_for(event, "a decode step")
     }
 
     pub fn new_timing_event(&self) -> Result<CudaEvent> {
@@ -402,7 +434,7 @@ impl GpuDecoder {
             let Some((pos, slot)) = pending.pop_front() else {
                 break;
             };
-            events[slot].synchronize()?;
+            wait_for(&events[slot], "a decode step")?;
             let host = self.host_tokens.as_ptr()?;
             // SAFETY: the event completed, so the LM head's write to this slot is done.
             let token = unsafe { std::ptr::read_volatile(host.add(pos)) };
@@ -464,7 +496,7 @@ impl GpuDecoder {
             launch.arg(&src).arg(&n).arg(&sink_ptr);
             unsafe { launch.launch(cfg) }?;
             b.record(&self.stream)?;
-            b.synchronize()?;
+            wait_for(&b, "the bandwidth probe")?;
             if i > 0 {
                 times.push(a.elapsed_ms(&b)? as f64); // the first run is warm-up
             }
