@@ -41,6 +41,7 @@ struct DecodeParams {
     unsigned int context;        // positions the KV cache holds
     unsigned int max_chunks;     // attention chunks the partials buffer holds per head
     float eps;                   // RMSNorm epsilon
+    unsigned int prefetch;       // 1: stream later phases' weights into L2 ahead of use
 };
 
 struct AttentionShared {
@@ -120,6 +121,19 @@ __device__ __forceinline__ void block_gemv(const bf16* W, int rows, const float*
                 if (row + r < end) store(row + r, y[r]);
         }
     }
+}
+
+// Prefetch into L2 the rows of W (rows x K) that this block will read in
+// block_gemv, in 16 KB pieces spread over the block's threads.
+template <int K>
+__device__ __forceinline__ void prefetch_block_rows(const bf16* W, int rows) {
+    constexpr unsigned int PIECE = 16384;
+    int begin, end;
+    split_range(rows, blockIdx.x, gridDim.x, begin, end);
+    const char* start = reinterpret_cast<const char*>(W + (size_t)begin * K);
+    const size_t bytes = (size_t)(end - begin) * K * sizeof(bf16);
+    for (size_t offset = (size_t)threadIdx.x * PIECE; offset < bytes; offset += (size_t)THREADS * PIECE)
+        prefetch_to_l2(start + offset, (unsigned int)min((size_t)PIECE, bytes - offset));
 }
 
 // Copy `n` floats written in this launch into shared memory.
@@ -354,7 +368,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
                            [&](int row, float y) { p.qkv[row] = y; });
         grid_sync(p.barrier);
 
-        // B: attention.
+        // B: attention. Few blocks have attention work at short context, so
+        // every block first starts this layer's remaining weights into L2.
+        if (p.prefetch) {
+            prefetch_block_rows<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
+            prefetch_block_rows<HIDDEN>(layer_weights(p, layer, QMK_OFF_GATE), INTERMEDIATE);
+            prefetch_block_rows<HIDDEN>(layer_weights(p, layer, QMK_OFF_UP), INTERMEDIATE);
+            prefetch_block_rows<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
+        }
         attention_phase(p, layer, pos, sm.attn, scratch);
         grid_sync(p.barrier);
 
@@ -367,6 +388,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         grid_sync(p.barrier);
 
         // D: RMSNorm + gate/up + SiLU. Row pairs (gate j, up j) go to one warp.
+        // The next layer's QKV rows start streaming into L2 now.
+        if (p.prefetch && layer + 1 < NUM_LAYERS)
+            prefetch_block_rows<HIDDEN>(layer_weights(p, layer + 1, QMK_OFF_QKV), QKV_ROWS);
         rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
                                             sm.vec, scratch);
         {

@@ -5,7 +5,8 @@
 #
 #   usage (from the repo root, binary carried in .device/):
 #     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate bench peers
-#   Logs and JSON go to $OUT (or /tmp/qwen-mk-out).
+#   One log ($OUT/round.log) and a few JSON files go to $OUT (or
+#   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
 BIN=${BIN:-.device/qwen-mk}
 OUT=${OUT:-/tmp/qwen-mk-out}
@@ -20,14 +21,17 @@ run() { # name, timeout seconds, command...
     local name=$1 limit=$2; shift 2
     echo "=== $name: $*"
     local t0=$SECONDS
-    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    timeout "$limit" "$@" > >(tee "$OUT/$name.out") 2>&1
     local rc=$?
-    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
-    echo "$name $rc $((SECONDS - t0))" >> "$OUT/summary.txt"
+    cat "$OUT/$name.out" >> "$OUT/round.log"
+    rm -f "$OUT/$name.out"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/round.log"
+    summary+=("$name $rc $((SECONDS - t0))")
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-cat .device/COMMIT 2>/dev/null | tee -a "$OUT/gpu.txt"
+summary=()
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/round.log"
+echo "commit $(cat .device/COMMIT 2>/dev/null)" | tee -a "$OUT/round.log"
 for step in "${steps[@]}"; do
     case $step in
     synth)
@@ -36,7 +40,7 @@ for step in "${steps[@]}"; do
     smoke)
         # A few steps first: a hang or crash here stops the round early.
         run smoke 90 "$BIN" bench --model $M06 --positions 0,100 --steps 4 --repeats 1 || true
-        if ! grep -q "^smoke 0 " "$OUT/summary.txt"; then echo "smoke test failed: stopping"; break; fi ;;
+        case "${summary[-1]}" in "smoke 0 "*) ;; *) echo "smoke test failed: stopping"; break ;; esac ;;
     ref-tiny)
         run ref-tiny 300 python3 reference/make_reference.py --model $TINY --out "$OUT/tiny-tokens.json" --steps 32 ;;
     ref)
@@ -50,11 +54,14 @@ for step in "${steps[@]}"; do
     generate)
         run generate 90 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
     bench)
-        run bench 240 "$BIN" bench --model $M06 --json
-        cp "$OUT/bench.log" "$OUT/bench.json" ;;
+        run bench 240 "$BIN" bench --model $M06 ;;
+    bench-ab)
+        # The same binary with L2 prefetch off, for the before/after record.
+        QWEN_MK_PREFETCH=0 run bench-noprefetch 240 "$BIN" bench --model $M06 --positions 0,4096
+        run bench-prefetch 240 "$BIN" bench --model $M06 --positions 0,4096 ;;
     peers)
         run peers 400 python3 benches/peers.py --model $M06 --json "$OUT/peers.json" ;;
     *) echo "unknown step $step" ;;
     esac
 done
-cat "$OUT/summary.txt"
+printf '%s\n' "${summary[@]}" | tee -a "$OUT/round.log"

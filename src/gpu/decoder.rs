@@ -57,6 +57,7 @@ struct DecodeParams {
     context: u32,
     max_chunks: u32,
     eps: f32,
+    prefetch: u32,
 }
 unsafe impl DeviceRepr for DecodeParams {}
 
@@ -242,6 +243,8 @@ impl GpuDecoder {
             context: context as u32,
             max_chunks: max_chunks as u32,
             eps,
+            // On unless QWEN_MK_PREFETCH=0 (kept switchable for A/B timing).
+            prefetch: u32::from(std::env::var("QWEN_MK_PREFETCH").map_or(true, |v| v != "0")),
         };
         let lm_params = LmHeadParams {
             x: act,
