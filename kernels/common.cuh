@@ -64,13 +64,6 @@ __device__ __forceinline__ uint4 load_coherent16(const void* p) {
 }
 __device__ __forceinline__ float load_coherent(const float* p) { return __ldcg(p); }
 
-// Asks the copy engine to bring `bytes` (a multiple of 16, 16-byte aligned)
-// into L2 without waiting for them: weights never depend on activations, so
-// the next phase's can stream in while this one works or waits.
-__device__ __forceinline__ void prefetch_to_l2(const void* p, unsigned int bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
 // ---- bf16 arithmetic -------------------------------------------------------
 
 // A bf16 is the top half of an f32: widening is a shift.

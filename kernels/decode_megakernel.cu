@@ -13,6 +13,12 @@
 // The final RMSNorm and the vocabulary projection are the LM-head kernel's
 // (lm_head.cu). The residual stream and all activations stay in f32; weights
 // and the KV cache are bf16.
+//
+// Weights never depend on activations, so before the barrier that ends a
+// layer every warp already issues the loads of its first QKV rows of the
+// next layer: that HBM latency overlaps the barrier instead of following it.
+// (Doing the same before every barrier measured slower: the tiles held
+// across barriers pushed the kernel into register spills. RESULTS.md.)
 #include <cuda/atomic>
 
 #include "common.cuh"
@@ -22,6 +28,8 @@ namespace qmk {
 constexpr int THREADS = QMK_DECODE_THREADS;
 constexpr int WARPS = THREADS / WARP;
 constexpr int ATTN_MAX_CHUNK = QMK_ATTN_MAX_CHUNK;
+// Shorter chunks would cost more in merging than they save in parallelism.
+constexpr int ATTN_MIN_CHUNK = 128;
 
 struct DecodeParams {
     const bf16* layers;          // NUM_LAYERS x QMK_LAYER_STRIDE, packed (src/gpu/weights.rs)
@@ -41,13 +49,13 @@ struct DecodeParams {
     unsigned int context;        // positions the KV cache holds
     unsigned int max_chunks;     // attention chunks the partials buffer holds per head
     float eps;                   // RMSNorm epsilon
-    unsigned int prefetch;       // 1: stream later phases' weights into L2 ahead of use
 };
 
 struct AttentionShared {
     float q[GQA_GROUP][HEAD_DIM];
     float scores[GQA_GROUP][ATTN_MAX_CHUNK];
     float pv[WARPS][GQA_GROUP * HEAD_DIM];
+    float max[GQA_GROUP], sum[GQA_GROUP];  // softmax statistics of the chunk
     int is_last;
 };
 
@@ -80,60 +88,63 @@ __device__ void grid_sync(GridBarrier* barrier) {
     __syncthreads();
 }
 
-// One warp: dot products of R weight rows (K bf16 each) with `vec` (K floats
-// in shared memory). Each lane holds 16-byte slices of every row, all loads
-// issued before the first multiply. Every lane returns the sums.
+// R weight rows of K bf16 as one warp holds them: each lane a 16-byte slice
+// of every row per 256 columns. Loading is separate from using, so a tile
+// can be loaded before a barrier and used after it.
 template <int K, int R>
-__device__ __forceinline__ void warp_dot_rows(const bf16* const (&rows)[R], const float* vec, float (&out)[R]) {
-    constexpr int SLICES = K / (8 * WARP);
-    const int lane = threadIdx.x % WARP;
+struct WeightTile {
+    static constexpr int SLICES = K / (8 * WARP);
     uint4 w[R][SLICES];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int s = 0; s < SLICES; ++s) w[r][s] = load_weights16(rows[r] + (s * WARP + lane) * 8);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        float acc = 0.f;
-#pragma unroll
-        for (int s = 0; s < SLICES; ++s) acc = dot8(w[r][s], vec + (s * WARP + lane) * 8, acc);
-        out[r] = warp_sum(acc);
-    }
-}
 
-// y[row] = W[row] . vec for this block's share of `rows` rows, two rows per
-// warp at a time; `store(row, value)` runs on lane 0.
-template <int K, typename Store>
-__device__ __forceinline__ void block_gemv(const bf16* W, int rows, const float* vec, Store store) {
-    int begin, end;
-    split_range(rows, blockIdx.x, gridDim.x, begin, end);
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    constexpr int R = K <= 1024 ? 2 : 1;  // about 8 loads of 16 bytes in flight per lane
-    for (int row = begin + warp * R; row < end; row += WARPS * R) {
-        const bf16* ptrs[R];
+    template <typename Rows>
+    __device__ __forceinline__ void load(Rows rows, int unit) {
+        const int lane = threadIdx.x % WARP;
 #pragma unroll
-        for (int r = 0; r < R; ++r) ptrs[r] = W + (size_t)min(row + r, end - 1) * K;
-        float y[R];
-        warp_dot_rows<K, R>(ptrs, vec, y);
-        if (lane == 0) {
+        for (int r = 0; r < R; ++r) {
+            const bf16* src = rows(unit, r);
 #pragma unroll
-            for (int r = 0; r < R; ++r)
-                if (row + r < end) store(row + r, y[r]);
+            for (int s = 0; s < SLICES; ++s) w[r][s] = load_weights16(src + (s * WARP + lane) * 8);
         }
     }
+
+    // The R dot products with `vec` (K floats in shared memory), in every lane.
+    __device__ __forceinline__ void dot(const float* vec, float (&out)[R]) const {
+        const int lane = threadIdx.x % WARP;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float acc = 0.f;
+#pragma unroll
+            for (int s = 0; s < SLICES; ++s) acc = dot8(w[r][s], vec + (s * WARP + lane) * 8, acc);
+            out[r] = warp_sum(acc);
+        }
+    }
+};
+
+// A projection phase is `units` work units of R rows each (`rows(unit, r)`
+// points at them). A block owns a contiguous range of units; its warps take
+// them in turn, starting at begin + warp.
+template <int K, int R, typename Rows>
+__device__ __forceinline__ void preload_first_unit(WeightTile<K, R>& tile, int units, Rows rows) {
+    int begin, end;
+    split_range(units, blockIdx.x, gridDim.x, begin, end);
+    const int unit = begin + (int)threadIdx.x / WARP;
+    if (unit < end) tile.load(rows, unit);
 }
 
-// Prefetch into L2 the rows of W (rows x K) that this block will read in
-// block_gemv, in 16 KB pieces spread over the block's threads.
-template <int K>
-__device__ __forceinline__ void prefetch_block_rows(const bf16* W, int rows) {
-    constexpr unsigned int PIECE = 16384;
+// Runs the block's units, each warp's first from `tile` when `preloaded`.
+// `store(unit, y)` runs on lane 0.
+template <int K, int R, typename Rows, typename Store>
+__device__ __forceinline__ void project(WeightTile<K, R>& tile, bool preloaded, int units, Rows rows,
+                                        const float* vec, Store store) {
     int begin, end;
-    split_range(rows, blockIdx.x, gridDim.x, begin, end);
-    const char* start = reinterpret_cast<const char*>(W + (size_t)begin * K);
-    const size_t bytes = (size_t)(end - begin) * K * sizeof(bf16);
-    for (size_t offset = (size_t)threadIdx.x * PIECE; offset < bytes; offset += (size_t)THREADS * PIECE)
-        prefetch_to_l2(start + offset, (unsigned int)min((size_t)PIECE, bytes - offset));
+    split_range(units, blockIdx.x, gridDim.x, begin, end);
+    const int first = begin + (int)threadIdx.x / WARP;
+    for (int unit = first; unit < end; unit += WARPS) {
+        if (!preloaded || unit != first) tile.load(rows, unit);
+        float y[R];
+        tile.dot(vec, y);
+        if (threadIdx.x % WARP == 0) store(unit, y);
+    }
 }
 
 // Copy `n` floats written in this launch into shared memory.
@@ -171,7 +182,7 @@ __device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_w
 // two query heads; leaves the unnormalised output, its max and sum in the
 // partials buffer for the merge.
 __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int kv_head, int chunk, int begin,
-                                int end, AttentionShared& sm, float* scratch) {
+                                int end, bool single_chunk, AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const size_t head_base = ((size_t)layer * NUM_KV_HEADS + kv_head) * p.context * HEAD_DIM;
     const bf16* k_cache = p.k_cache + head_base;
@@ -241,22 +252,26 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
     }
     __syncthreads();
 
-    // Softmax numerators over the chunk, per query head.
+    // Softmax numerators over the chunk: one warp per query head.
     const int len = end - begin;
-    float m[GQA_GROUP], l[GQA_GROUP];
-#pragma unroll
-    for (int h = 0; h < GQA_GROUP; ++h) {
-        float local = -INFINITY;
-        for (int i = threadIdx.x; i < len; i += THREADS) local = fmaxf(local, sm.scores[h][i]);
-        m[h] = block_max<THREADS>(local, scratch);
-        float sum = 0.f;
-        for (int i = threadIdx.x; i < len; i += THREADS) {
-            const float e = __expf(sm.scores[h][i] - m[h]);
-            sm.scores[h][i] = e;
-            sum += e;
+    if (warp < GQA_GROUP) {
+        float* scores = sm.scores[warp];
+        float m = -INFINITY;
+        for (int i = lane; i < len; i += WARP) m = fmaxf(m, scores[i]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int i = lane; i < len; i += WARP) {
+            const float e = __expf(scores[i] - m);
+            scores[i] = e;
+            l += e;
         }
-        l[h] = block_sum<THREADS>(sum, scratch);  // its barrier also publishes the numerators
+        l = warp_sum(l);
+        if (lane == 0) {
+            sm.max[warp] = m;
+            sm.sum[warp] = l;
+        }
     }
+    __syncthreads();
 
     // P.V: half a warp per key, 8 dims a lane.
     {
@@ -286,17 +301,23 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
     }
     __syncthreads();
 
-    // This chunk's partial result: out (unnormalised), max, sum.
+    // A single chunk is the whole answer; otherwise leave the unnormalised
+    // output with its max and sum for the merge.
     if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
         float out = 0.f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) out += sm.pv[w][threadIdx.x];
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
-        float* partial = p.attn_partials + ((size_t)(kv_head * GQA_GROUP + h) * p.max_chunks + chunk) * (HEAD_DIM + 2);
-        partial[d] = out;
-        if (d == 0) {
-            partial[HEAD_DIM] = m[h];
-            partial[HEAD_DIM + 1] = l[h];
+        const int q_head = kv_head * GQA_GROUP + h;
+        if (single_chunk) {
+            p.attn[q_head * HEAD_DIM + d] = out / sm.sum[h];
+        } else {
+            float* partial = p.attn_partials + ((size_t)q_head * p.max_chunks + chunk) * (HEAD_DIM + 2);
+            partial[d] = out;
+            if (d == 0) {
+                partial[HEAD_DIM] = sm.max[h];
+                partial[HEAD_DIM + 1] = sm.sum[h];
+            }
         }
     }
 }
@@ -330,18 +351,18 @@ __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, 
     if (threadIdx.x == 0) p.attn_counters[kv_head] = 0;  // ready for the next layer
 }
 
-__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm, float* scratch) {
+__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm) {
     // Split the cache over about one block per (KV head, chunk); a chunk is
     // never longer than the shared-memory score buffer.
     const int n_keys = pos + 1;
     const int wanted = max(1, (int)gridDim.x / NUM_KV_HEADS);
-    const int chunk_len = min((n_keys + wanted - 1) / wanted, ATTN_MAX_CHUNK);
+    const int chunk_len = min(max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK), ATTN_MAX_CHUNK);
     const int n_chunks = (n_keys + chunk_len - 1) / chunk_len;
     for (int task = blockIdx.x; task < NUM_KV_HEADS * n_chunks; task += gridDim.x) {
         const int kv_head = task / n_chunks, chunk = task % n_chunks;
         const int begin = chunk * chunk_len, end = min(n_keys, begin + chunk_len);
-        attention_chunk(p, layer, pos, kv_head, chunk, begin, end, sm, scratch);
-        merge_if_last(p, kv_head, n_chunks, sm);
+        attention_chunk(p, layer, pos, kv_head, chunk, begin, end, n_chunks == 1, sm);
+        if (n_chunks > 1) merge_if_last(p, kv_head, n_chunks, sm);
         __syncthreads();  // shared memory is reused by the next task
     }
 }
@@ -357,6 +378,29 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     const int pos = (int)state->pos;
     const bf16* embedding = p.embed + (size_t)p.tokens[pos] * HIDDEN;
 
+    // Where each projection's rows are, per layer. QKV and gate/up take two
+    // rows per unit: two QKV rows, or the gate and up rows of one neuron.
+    auto qkv_rows = [&](int layer) {
+        const bf16* w = layer_weights(p, layer, QMK_OFF_QKV);
+        return [w](int unit, int r) { return w + (size_t)(2 * unit + r) * HIDDEN; };
+    };
+    auto o_rows = [&](int layer) {
+        const bf16* w = layer_weights(p, layer, QMK_OFF_O);
+        return [w](int unit, int) { return w + (size_t)unit * Q_DIM; };
+    };
+    auto gate_up_rows = [&](int layer) {
+        const bf16* gate = layer_weights(p, layer, QMK_OFF_GATE);
+        const bf16* up = layer_weights(p, layer, QMK_OFF_UP);
+        return [gate, up](int unit, int r) { return (r == 0 ? gate : up) + (size_t)unit * HIDDEN; };
+    };
+    auto down_rows = [&](int layer) {
+        const bf16* w = layer_weights(p, layer, QMK_OFF_DOWN);
+        return [w](int unit, int) { return w + (size_t)unit * INTERMEDIATE; };
+    };
+
+    WeightTile<HIDDEN, 2> qkv_tile;
+    preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
+
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
         const bool first = layer == 0;
@@ -364,54 +408,43 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         // A: RMSNorm + QKV projection.
         rms_norm_to_shared<THREADS, HIDDEN>(first ? nullptr : p.x, embedding,
                                             layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
-        block_gemv<HIDDEN>(layer_weights(p, layer, QMK_OFF_QKV), QKV_ROWS, sm.vec,
-                           [&](int row, float y) { p.qkv[row] = y; });
+        project(qkv_tile, true, QKV_ROWS / 2, qkv_rows(layer), sm.vec, [&](int unit, const float (&y)[2]) {
+            p.qkv[2 * unit] = y[0];
+            p.qkv[2 * unit + 1] = y[1];
+        });
         grid_sync(p.barrier);
 
-        // B: attention. Few blocks have attention work at short context, so
-        // every block first starts this layer's remaining weights into L2.
-        if (p.prefetch) {
-            prefetch_block_rows<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
-            prefetch_block_rows<HIDDEN>(layer_weights(p, layer, QMK_OFF_GATE), INTERMEDIATE);
-            prefetch_block_rows<HIDDEN>(layer_weights(p, layer, QMK_OFF_UP), INTERMEDIATE);
-            prefetch_block_rows<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
-        }
-        attention_phase(p, layer, pos, sm.attn, scratch);
+        // B: attention.
+        attention_phase(p, layer, pos, sm.attn);
         grid_sync(p.barrier);
 
         // C: O projection + residual.
         load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
-        block_gemv<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN, sm.vec, [&](int row, float y) {
+        WeightTile<Q_DIM, 1> o_tile;
+        project(o_tile, false, HIDDEN, o_rows(layer), sm.vec, [&](int row, const float (&y)[1]) {
             const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
-            p.x[row] = residual + y;
+            p.x[row] = residual + y[0];
         });
         grid_sync(p.barrier);
 
-        // D: RMSNorm + gate/up + SiLU. Row pairs (gate j, up j) go to one warp.
-        // The next layer's QKV rows start streaming into L2 now.
-        if (p.prefetch && layer + 1 < NUM_LAYERS)
-            prefetch_block_rows<HIDDEN>(layer_weights(p, layer + 1, QMK_OFF_QKV), QKV_ROWS);
+        // D: RMSNorm + gate/up + SiLU.
         rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
                                             sm.vec, scratch);
-        {
-            const bf16* gate = layer_weights(p, layer, QMK_OFF_GATE);
-            const bf16* up = layer_weights(p, layer, QMK_OFF_UP);
-            int begin, end;
-            split_range(INTERMEDIATE, blockIdx.x, gridDim.x, begin, end);
-            for (int j = begin + (int)threadIdx.x / WARP; j < end; j += WARPS) {
-                const bf16* rows[2] = {gate + (size_t)j * HIDDEN, up + (size_t)j * HIDDEN};
-                float gu[2];
-                warp_dot_rows<HIDDEN, 2>(rows, sm.vec, gu);
-                if (threadIdx.x % WARP == 0) p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
-            }
-        }
+        WeightTile<HIDDEN, 2> gate_up_tile;
+        project(gate_up_tile, false, INTERMEDIATE, gate_up_rows(layer), sm.vec, [&](int j, const float (&gu)[2]) {
+            p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
+        });
         grid_sync(p.barrier);
 
         // E: down projection + residual.
         load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
-        block_gemv<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN, sm.vec,
-                                 [&](int row, float y) { p.x[row] = load_coherent(p.x + row) + y; });
-        if (layer + 1 < NUM_LAYERS) grid_sync(p.barrier);  // the launch's end orders the last layer
+        WeightTile<INTERMEDIATE, 1> down_tile;
+        project(down_tile, false, HIDDEN, down_rows(layer), sm.vec,
+                [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
+        if (layer + 1 < NUM_LAYERS) {  // the launch's end orders the last layer
+            preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
+            grid_sync(p.barrier);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate bench peers
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate bench variants peers
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -55,10 +55,13 @@ for step in "${steps[@]}"; do
         run generate 90 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
     bench)
         run bench 240 "$BIN" bench --model $M06 ;;
-    bench-ab)
-        # The same binary with L2 prefetch off, for the before/after record.
-        QWEN_MK_PREFETCH=0 run bench-noprefetch 240 "$BIN" bench --model $M06 --positions 0,4096
-        run bench-prefetch 240 "$BIN" bench --model $M06 --positions 0,4096 ;;
+    variants)
+        # Every other binary carried in .device/ (qwen-mk-<name>), timed in the
+        # same run as the main one: before/after comparisons on one machine.
+        for other in .device/qwen-mk-*; do
+            run "bench-${other#.device/qwen-mk-}" 120 "$other" bench --model $M06 --positions 0,4096
+        done
+        run bench-main 120 "$BIN" bench --model $M06 --positions 0,4096 ;;
     peers)
         run peers 400 python3 benches/peers.py --model $M06 --json "$OUT/peers.json" ;;
     *) echo "unknown step $step" ;;

@@ -15,6 +15,8 @@ use crate::model_source;
 
 /// A token id to start from; any valid id does.
 const START_TOKEN: u32 = 785;
+/// Steps per captured CUDA graph.
+const GRAPH_STEPS: usize = 16;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 || args.positions.is_empty() {
@@ -35,27 +37,67 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     decoder.fill_cache_random(context, 7)?;
     let bandwidth = decoder.measure_read_bandwidth(2 << 30, 10)?;
 
+    // Steps queued one launch at a time, and the same steps replayed from a
+    // CUDA graph of GRAPH_STEPS steps (when the driver can capture them).
+    let graph = decoder.capture_steps(GRAPH_STEPS)?;
     let mut rows = Vec::new();
     for &position in &args.positions {
         let mut times = Vec::new();
+        let mut graph_times = Vec::new();
+        let mut host_ms = Vec::new();
         for repeat in 0..=args.repeats {
-            decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
-            let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
-            start.record(&decoder.stream)?;
-            for _ in 0..args.steps {
-                decoder.enqueue_step(false)?;
-            }
-            end.record(&decoder.stream)?;
-            decoder.wait(&end)?;
-            if repeat > 0 {
-                times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64); // the first is warm-up
+            for use_graph in [false, true] {
+                if use_graph && graph.is_none() {
+                    continue;
+                }
+                decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
+                let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
+                let host_start = std::time::Instant::now();
+                start.record(&decoder.stream)?;
+                match &graph {
+                    Some(g) if use_graph => {
+                        for _ in 0..args.steps.div_ceil(GRAPH_STEPS) {
+                            g.launch()?;
+                        }
+                    }
+                    _ => {
+                        for _ in 0..args.steps {
+                            decoder.enqueue_step(false)?;
+                        }
+                    }
+                }
+                end.record(&decoder.stream)?;
+                let host = host_start.elapsed().as_secs_f64() * 1e3;
+                decoder.wait(&end)?;
+                if repeat > 0 {
+                    // the first is warm-up
+                    if use_graph {
+                        let steps = args.steps.div_ceil(GRAPH_STEPS) * GRAPH_STEPS;
+                        graph_times.push(start.elapsed_ms(&end)? as f64 / steps as f64);
+                    } else {
+                        times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64);
+                        host_ms.push(host / args.steps as f64);
+                    }
+                }
             }
         }
         let ms = median(&mut times);
+        let graph_ms = if graph_times.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut graph_times)
+        };
         // The average position of the timed steps sets the KV bytes read.
         let mid = position + args.steps / 2;
         let floor_ms = decoder.bytes_per_step(mid) as f64 / bandwidth * 1e3;
-        rows.push((position, ms, floor_ms, decoder.bytes_per_step(mid)));
+        rows.push((
+            position,
+            ms,
+            graph_ms,
+            median(&mut host_ms),
+            floor_ms,
+            decoder.bytes_per_step(mid),
+        ));
     }
 
     // Each kernel alone at position 0, for where-the-time-goes.
@@ -92,8 +134,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "read_bandwidth_gb_s": bandwidth / 1e9,
             "steps": args.steps,
             "repeats": args.repeats,
-            "positions": rows.iter().map(|(p, ms, floor, bytes)| json!({
+            "positions": rows.iter().map(|(p, ms, graph_ms, host_ms, floor, bytes)| json!({
                 "position": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
+                "graph_ms_per_token": graph_ms, "host_enqueue_ms_per_token": host_ms,
                 "bytes_per_step": bytes, "floor_ms": floor, "percent_of_floor": 100.0 * floor / ms,
             })).collect::<Vec<_>>(),
             "decode_kernel_ms": decode_ms,
@@ -112,17 +155,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Path::new(&dir).display()
     );
     println!(
-        "{:>9} {:>10} {:>9} {:>11} {:>10} {:>8}",
-        "position", "ms/token", "tok/s", "MB/step", "floor ms", "% floor"
+        "{:>9} {:>10} {:>9} {:>11} {:>10} {:>8} {:>10} {:>10}",
+        "position", "ms/token", "tok/s", "MB/step", "floor ms", "% floor", "graph ms", "host ms"
     );
-    for (position, ms, floor, bytes) in &rows {
+    for (position, ms, graph_ms, host_ms, floor, bytes) in &rows {
         println!(
-            "{position:>9} {ms:>10.4} {:>9.1} {:>11.1} {floor:>10.4} {:>7.1}%",
+            "{position:>9} {ms:>10.4} {:>9.1} {:>11.1} {floor:>10.4} {:>7.1}% {graph_ms:>10.4} {host_ms:>10.4}",
             1e3 / ms,
             *bytes as f64 / 1e6,
             100.0 * floor / ms
         );
     }
+    println!("(graph ms: the same steps replayed from a {GRAPH_STEPS}-step CUDA graph; host ms: time to enqueue one step)");
     println!(
         "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (position 0)"
     );

@@ -202,7 +202,10 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         Ok(())
     })?;
     println!("\nfree-running greedy vs the float32 truth (near-tie steps marked ~; agreement is required up to the first, step {first_near_tie}):");
-    println!("{:>6} {:>8} {:>8}  {:<24} {:<24} match", "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text");
+    println!(
+        "{:>6} {:>8} {:>8}  {:<24} {:<24} match",
+        "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text"
+    );
     let mut free_mismatch = None;
     for (step, (&r, &o)) in truth.ids.iter().zip(&free).enumerate() {
         if r != o && free_mismatch.is_none() && step < first_near_tie {

@@ -19,7 +19,8 @@ fn golden() -> (Reference, serde_json::Value) {
 
 fn golden_file(name: &str) -> (Reference, serde_json::Value) {
     let path = common::reference_file(name);
-    let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     (Reference::load(&path).unwrap(), raw)
 }
 
@@ -29,7 +30,10 @@ fn teacher_forced_logprobs_match_transformers() {
     let seed: u64 = reference.model.metadata["qwen_mk_seed"].parse().unwrap();
     let dir = common::tiny_checkpoint(seed, true);
     let worst = teacher_forced_error(dir.path(), &reference, reference.truth.ids.len());
-    assert!(worst < LOGPROB_TOLERANCE, "largest logprob error {worst} exceeds {LOGPROB_TOLERANCE}");
+    assert!(
+        worst < LOGPROB_TOLERANCE,
+        "largest logprob error {worst} exceeds {LOGPROB_TOLERANCE}"
+    );
 }
 
 /// The full Qwen3-0.6B shape (28 layers, theta 1e6) against the reference
@@ -53,7 +57,10 @@ fn full_size_checkpoint_matches_the_gpu_parity_reference() {
 /// steps, asserting the greedy ids; returns the largest logprob error.
 fn teacher_forced_error(dir: &std::path::Path, reference: &Reference, steps: usize) -> f64 {
     let checkpoint = Checkpoint::open(dir).unwrap();
-    assert_eq!(checkpoint.metadata, reference.model.metadata, "the checkpoint is not the golden's");
+    assert_eq!(
+        checkpoint.metadata, reference.model.metadata,
+        "the checkpoint is not the golden's"
+    );
     let model = CpuModel::load(&checkpoint);
 
     let mut cache = KvCache::new(&model.config);
@@ -64,9 +71,18 @@ fn teacher_forced_error(dir: &std::path::Path, reference: &Reference, steps: usi
     let truth = &reference.truth;
     let mut worst: f64 = 0.0;
     for step in 0..steps {
-        assert_eq!(argmax(&logits) as u32, truth.ids[step], "greedy id differs at step {step}");
+        assert_eq!(
+            argmax(&logits) as u32,
+            truth.ids[step],
+            "greedy id differs at step {step}"
+        );
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_sum = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+        let log_sum = logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+            + max;
         for (id, expected) in truth.top_ids[step].iter().zip(&truth.top_logprobs[step]) {
             let ours = logits[*id as usize] as f64 - log_sum;
             worst = worst.max((ours - expected).abs());
@@ -85,7 +101,9 @@ fn per_layer_hidden_states_are_inspectable() {
     let mut cache = KvCache::new(&model.config);
     model.forward(785, &mut cache, Some(&mut trace));
     assert_eq!(trace.len(), model.config.num_hidden_layers);
-    assert!(trace.iter().all(|h| h.len() == model.config.hidden_size && h.iter().all(|v| v.is_finite())));
+    assert!(trace
+        .iter()
+        .all(|h| h.len() == model.config.hidden_size && h.iter().all(|v| v.is_finite())));
     assert_ne!(trace[0], trace[1]);
 }
 
@@ -109,7 +127,11 @@ fn cli_generate_on_cpu_gives_the_transformers_ids() {
         "--ignore-eos",
         "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = report["generated_ids"]
         .as_array()

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{self, CUevent_flags};
 use cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 
 use super::device::Device;
@@ -57,7 +57,6 @@ struct DecodeParams {
     context: u32,
     max_chunks: u32,
     eps: f32,
-    prefetch: u32,
 }
 unsafe impl DeviceRepr for DecodeParams {}
 
@@ -94,7 +93,10 @@ const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
 /// kernel forever.
 fn wait_for(event: &CudaEvent, what: &str) -> Result<()> {
     let start = std::time::Instant::now();
-    while !event.try_is_complete().with_context(|| format!("the GPU failed during {what}"))? {
+    while !event
+        .try_is_complete()
+        .with_context(|| format!("the GPU failed during {what}"))?
+    {
         if start.elapsed() > WATCHDOG {
             eprintln!(
                 "error: the GPU did not finish {what} within {} s; the kernel is hung (a bug: please report it)",
@@ -154,7 +156,9 @@ impl GpuDecoder {
         }
         let device = Device::open(ordinal)?;
         let ctx = device.ctx.clone();
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured
+        // into a CUDA graph.
+        let stream = ctx.new_stream()?;
 
         let (free, _) = ctx.mem_get_info()?;
         let kv_bytes = KV_BYTES_PER_POSITION * context;
@@ -243,8 +247,6 @@ impl GpuDecoder {
             context: context as u32,
             max_chunks: max_chunks as u32,
             eps,
-            // On unless QWEN_MK_PREFETCH=0 (kept switchable for A/B timing).
-            prefetch: u32::from(std::env::var("QWEN_MK_PREFETCH").map_or(true, |v| v != "0")),
         };
         let lm_params = LmHeadParams {
             x: act,
@@ -355,6 +357,22 @@ impl GpuDecoder {
         Ok(())
     }
 
+    /// `steps` decode steps (without logits) captured as one CUDA graph, so
+    /// that replaying them costs one launch instead of 2 x `steps`. None when
+    /// the driver cannot capture the cooperative launch.
+    pub fn capture_steps(&self, steps: usize) -> Result<Option<CudaGraph>> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let enqueued = (0..steps).try_for_each(|_| self.enqueue_step(false));
+        let graph = self.stream.end_capture(
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        match (enqueued, graph) {
+            (Ok(()), Ok(graph)) => Ok(graph),
+            _ => Ok(None),
+        }
+    }
+
     /// The logits the last `enqueue_step(true)` wrote (waits for it).
     pub fn logits(&self) -> Result<Vec<f32>> {
         self.synchronize()?;
@@ -369,7 +387,10 @@ impl GpuDecoder {
 
     /// Waits for everything queued, under the watchdog.
     pub fn synchronize(&self) -> Result<()> {
-        let event = self.device.ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+        let event = self
+            .device
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
         event.record(&self.stream)?;
         wait_for(&event, "the queued work")
     }
