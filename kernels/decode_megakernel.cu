@@ -17,8 +17,9 @@
 // Weights never depend on activations, so before the barrier that ends a
 // layer every warp already issues the loads of its first QKV rows of the
 // next layer: that HBM latency overlaps the barrier instead of following it.
-// (Doing the same before every barrier measured slower: the tiles held
-// across barriers pushed the kernel into register spills. RESULTS.md.)
+// (Doing the same before every barrier, or before each phase's input
+// gather, pushes the kernel past 128 registers: ptxas then parks the tiles in
+// local memory right after loading them, which measured slower. RESULTS.md.)
 #include <cuda/atomic>
 
 #include "common.cuh"
@@ -75,7 +76,9 @@ __device__ void grid_sync(GridBarrier* barrier) {
         cuda::atomic_ref<unsigned int, cuda::thread_scope_device> generation(barrier->generation);
         // Read the generation before arriving: it cannot move on until we arrive.
         const unsigned int gen = generation.load(cuda::memory_order_relaxed);
-        __threadfence();
+        // The release publishes this block's writes (ordered before it by the
+        // __syncthreads above); the acquire makes every block's visible here,
+        // and the __syncthreads below passes that on to the whole block.
         if (arrived.fetch_add(1, cuda::memory_order_acq_rel) == gridDim.x - 1) {
             arrived.store(0, cuda::memory_order_relaxed);
             generation.store(gen + 1, cuda::memory_order_release);
@@ -83,7 +86,6 @@ __device__ void grid_sync(GridBarrier* barrier) {
             while (generation.load(cuda::memory_order_acquire) == gen) {
             }
         }
-        __threadfence();
     }
     __syncthreads();
 }
@@ -323,8 +325,9 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
 }
 
 // The block that finishes a KV head's last chunk merges all its chunks.
+// As in grid_sync, the acq_rel count publishes this block's partials (ordered
+// by the __syncthreads before it) and, for the last block, acquires everyone's.
 __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, AttentionShared& sm) {
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(p.attn_counters[kv_head]);
@@ -332,7 +335,6 @@ __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, 
     }
     __syncthreads();
     if (!sm.is_last) return;
-    __threadfence();
     if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         const int q_head = kv_head * GQA_GROUP + h;

@@ -59,6 +59,7 @@ for step in "${steps[@]}"; do
         # Every other binary carried in .device/ (qwen-mk-<name>), timed in the
         # same run as the main one: before/after comparisons on one machine.
         for other in .device/qwen-mk-*; do
+            run "parity-${other#.device/qwen-mk-}" 120 "$other" parity --ref reference/tokens.json --model $M06
             run "bench-${other#.device/qwen-mk-}" 120 "$other" bench --model $M06 --positions 0,4096
         done
         run bench-main 120 "$BIN" bench --model $M06 --positions 0,4096 ;;
