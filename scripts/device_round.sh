@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate bench variants peers
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate heads bench variants peers
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -52,7 +52,22 @@ for step in "${steps[@]}"; do
     parity-long)
         run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json" ;;
     generate)
-        run generate 90 "$BIN" generate --model $M06 --prompt "The quick brown fox jumps over the lazy dog, and then" --max-new-tokens 64 --json ;;
+        # Streams on the GPU; greedy ids must equal the float32 truth's up to its first near-tie.
+        ref=${REF:-reference/tokens.json}
+        prompt=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["prompt"], end="")' "$ref")
+        run generate 90 "$BIN" generate --model $M06 --prompt "$prompt" --max-new-tokens 128 --ignore-eos
+        "$BIN" generate --model $M06 --prompt "$prompt" --max-new-tokens 128 --ignore-eos --json > "$OUT/generate.json"
+        run generate-check 30 python3 scripts/check_generate.py truth "$ref" "$OUT/generate.json" ;;
+    heads)
+        # The argmax test heads: an EOS id must win (and stop generation); all-ties must give id 0.
+        run synth-eos 120 "$BIN" synth --out models/eos-wins --shape 0.6b --head eos-wins
+        "$BIN" generate --model models/eos-wins --prompt "Hello" --max-new-tokens 8 --json > /tmp/eos.json
+        run check-eos 30 python3 scripts/check_generate.py eos /tmp/eos.json
+        rm -rf models/eos-wins
+        run synth-ties 120 "$BIN" synth --out models/all-ties --shape 0.6b --head all-ties
+        "$BIN" generate --model models/all-ties --prompt "Hello" --max-new-tokens 4 --json > /tmp/ties.json
+        run check-ties 30 python3 scripts/check_generate.py zeros /tmp/ties.json
+        rm -rf models/all-ties ;;
     bench)
         run bench 240 "$BIN" bench --model $M06 ;;
     variants)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::model_source::DEFAULT_MODEL;
-use crate::synthetic::Shape;
+use crate::synthetic::{Head, Shape};
 
 #[derive(Parser)]
 #[command(
@@ -112,6 +112,9 @@ pub struct SynthArgs {
     /// Write a separate lm_head.weight instead of tying it to the embedding.
     #[arg(long)]
     pub untied: bool,
+    /// A test head for the argmax: `eos-wins` or `all-ties` (see `synthetic.rs`).
+    #[arg(long, value_enum, default_value_t = Head::Random)]
+    pub head: Head,
     /// The real model's non-weight files (config, tokenizer).
     #[arg(long, default_value = "assets/qwen3-0.6b")]
     pub assets: PathBuf,

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                 shape: args.shape,
                 seed: args.seed,
                 tied: !args.untied,
+                head: args.head,
             };
             synthetic::write_checkpoint(&args.out, &args.assets, &spec).map(|()| {
                 eprintln!(

@@ -33,11 +33,31 @@ pub enum Shape {
     Tiny,
 }
 
+/// What the output head computes. The two test heads check the LM-head
+/// kernel's argmax over the whole vocabulary, with any layer weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Head {
+    /// Random, like every other weight.
+    Random,
+    /// Every logit is 0 except the two end-of-sequence ids (151643, 151645),
+    /// which get +x and -x for a nonzero x: an EOS id must win, so
+    /// generation must stop after one token. (Final norm weight = e_0, head
+    /// rows zero but for those two.) Implies an untied head.
+    EosWins,
+    /// Every logit is exactly 0 (final norm weight zero): torch.argmax's rule
+    /// picks id 0. Implies an untied head.
+    AllTies,
+}
+
 pub struct SyntheticSpec {
     pub shape: Shape,
     pub seed: u64,
     pub tied: bool,
+    pub head: Head,
 }
+
+/// The two end-of-sequence ids of Qwen3 that `Head::EosWins` makes win.
+pub const EOS_IDS: [usize; 2] = [151_645, 151_643];
 
 /// The real Qwen3-0.6B config, with the tiny shape's changes when asked.
 pub fn config_json(assets: &Path, spec: &SyntheticSpec) -> Result<Value> {
@@ -58,7 +78,7 @@ pub fn config_json(assets: &Path, spec: &SyntheticSpec) -> Result<Value> {
             config[key] = json!(value);
         }
     }
-    config["tie_word_embeddings"] = json!(spec.tied);
+    config["tie_word_embeddings"] = json!(spec.tied && spec.head == Head::Random);
     Ok(config)
 }
 
@@ -94,7 +114,8 @@ pub fn write_checkpoint(out: &Path, assets: &Path, spec: &SyntheticSpec) -> Resu
     )?;
     let config = ModelConfig::from_json(&config_value)?;
 
-    let tensors = generate_tensors(&config, spec.seed);
+    let mut tensors = generate_tensors(&config, spec.seed);
+    apply_test_head(&mut tensors, spec.head, config.hidden_size);
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(name, shape, bytes)| {
@@ -164,6 +185,31 @@ fn tensor_bytes(config: &ModelConfig, seed: u64, name: &str, shape: &[usize]) ->
         bytes.extend_from_slice(&bf16::from_f32(value).to_le_bytes());
     }
     bytes
+}
+
+/// Rewrites the final norm and head for the test heads.
+fn apply_test_head(tensors: &mut [(String, Vec<usize>, Vec<u8>)], head: Head, hidden: usize) {
+    let bf16_bytes = |v: f32| bf16::from_f32(v).to_le_bytes();
+    for (name, _, bytes) in tensors.iter_mut() {
+        match (head, name.as_str()) {
+            (Head::Random, _) => return,
+            (_, crate::checkpoint::FINAL_NORM) => {
+                bytes.fill(0);
+                if head == Head::EosWins {
+                    bytes[..2].copy_from_slice(&bf16_bytes(1.0));
+                }
+            }
+            (_, crate::checkpoint::LM_HEAD) => {
+                bytes.fill(0);
+                if head == Head::EosWins {
+                    for (id, sign) in EOS_IDS.iter().zip([1.0, -1.0]) {
+                        bytes[2 * id * hidden..][..2].copy_from_slice(&bf16_bytes(sign));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The interval each tensor's values are drawn from.

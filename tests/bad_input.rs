@@ -243,6 +243,7 @@ fn cuda_without_a_gpu() {
         shape: qwen_mk::synthetic::Shape::Qwen3_0_6B,
         seed: 1,
         tied: true,
+        head: qwen_mk::synthetic::Head::Random,
     };
     qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
     let out = generate(

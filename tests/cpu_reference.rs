@@ -47,6 +47,7 @@ fn full_size_checkpoint_matches_the_gpu_parity_reference() {
         shape: qwen_mk::synthetic::Shape::Qwen3_0_6B,
         seed: reference.model.metadata["qwen_mk_seed"].parse().unwrap(),
         tied: true,
+        head: qwen_mk::synthetic::Head::Random,
     };
     qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
     let worst = teacher_forced_error(dir.path(), &reference, 6);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use qwen_mk::synthetic::{write_checkpoint, Shape, SyntheticSpec};
+use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec};
 
 pub fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/qwen3-0.6b")
@@ -23,6 +23,7 @@ pub fn tiny_checkpoint(seed: u64, tied: bool) -> tempfile::TempDir {
         shape: Shape::Tiny,
         seed,
         tied,
+        head: Head::Random,
     };
     write_checkpoint(dir.path(), &assets(), &spec).expect("write tiny checkpoint");
     dir
@@ -52,4 +53,17 @@ pub fn assert_one_line_error(output: &Output, needle: &str) {
         lines[0].contains(needle),
         "expected {needle:?} in: {stderr}"
     );
+}
+
+/// A tiny checkpoint with one of the argmax test heads.
+pub fn tiny_test_head_checkpoint(head: Head) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = SyntheticSpec {
+        shape: Shape::Tiny,
+        seed: 1,
+        tied: false,
+        head,
+    };
+    write_checkpoint(dir.path(), &assets(), &spec).expect("write tiny checkpoint");
+    dir
 }

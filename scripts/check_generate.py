@@ -1,0 +1,41 @@
+"""Checks `qwen-mk generate --json` output on the device (no cargo there).
+
+  check_generate.py truth REF.json GEN.json   greedy ids equal the float32 truth's up to its first near-tie
+  check_generate.py eos GEN.json              exactly one generated id, an end-of-sequence id, stop_reason eos
+  check_generate.py zeros GEN.json            every generated id is 0 (torch.argmax's tie rule)
+Exit 0 when the check holds, 1 otherwise.
+"""
+import json
+import sys
+
+EOS_IDS = {151643, 151645}
+
+
+def main(argv):
+    kind = argv[1]
+    if kind == "truth":
+        ref, gen = json.load(open(argv[2])), json.load(open(argv[3]))
+        truth = ref["truth"]["ids"]
+        near = ref["summary"]["near_ties"]
+        first_near_tie = min(near) if near else len(truth)
+        ours = gen["generated_ids"]
+        ok = gen["prompt_ids"] == ref["prompt_ids"] and ours[:first_near_tie] == truth[:first_near_tie]
+        agree = next((i for i, (a, b) in enumerate(zip(ours, truth)) if a != b), min(len(ours), len(truth)))
+        print(f"generate vs truth: first near-tie at step {first_near_tie}, sequences agree for {agree} steps: "
+              f"{'PASS' if ok else 'FAIL'}")
+    elif kind == "eos":
+        gen = json.load(open(argv[2]))
+        ids = gen["generated_ids"]
+        ok = len(ids) == 1 and ids[0] in EOS_IDS and gen["stop_reason"] == "eos"
+        print(f"eos-wins head: generated {ids}, stop_reason {gen['stop_reason']}: {'PASS' if ok else 'FAIL'}")
+    elif kind == "zeros":
+        ids = json.load(open(argv[2]))["generated_ids"]
+        ok = len(ids) > 0 and all(i == 0 for i in ids)
+        print(f"all-ties head: generated {ids}: {'PASS' if ok else 'FAIL'}")
+    else:
+        raise SystemExit(f"unknown check {kind}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
