@@ -123,20 +123,6 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return total;
 }
 
-template <int THREADS>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    constexpr int WARPS = THREADS / WARP;
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float best = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) best = fmaxf(best, scratch[w]);
-    return best;
-}
-
 // Rows [begin, end) of `total` that part `part` of `parts` owns: balanced
 // contiguous ranges.
 __device__ __forceinline__ void split_range(int total, int part, int parts, int& begin, int& end) {

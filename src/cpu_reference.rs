@@ -211,9 +211,8 @@ pub fn argmax(values: &[f32]) -> usize {
     best
 }
 
-/// log_softmax in f64 and the `k` most likely ids, most likely first (ties
-/// to the lower id).
-pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
+/// log_softmax of `logits` at `ids`, computed in f64.
+pub fn logprobs_at(logits: &[f32], ids: &[u32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let log_sum = logits
         .iter()
@@ -221,6 +220,14 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
         .sum::<f64>()
         .ln()
         + max;
+    ids.iter()
+        .map(|&id| logits[id as usize] as f64 - log_sum)
+        .collect()
+}
+
+/// The `k` most likely ids with their log_softmax (f64), most likely first
+/// (ties to the lower id).
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(ids.len());
     let by_logit = |a: &u32, b: &u32| {
@@ -233,9 +240,8 @@ pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
         ids.truncate(k);
     }
     ids.sort_by(by_logit);
-    ids.into_iter()
-        .map(|id| (id, logits[id as usize] as f64 - log_sum))
-        .collect()
+    let logprobs = logprobs_at(logits, &ids);
+    ids.into_iter().zip(logprobs).collect()
 }
 
 #[cfg(test)]

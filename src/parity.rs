@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::ParityArgs;
-use crate::cpu_reference::argmax;
+use crate::cpu_reference::{argmax, logprobs_at};
 use crate::gpu::GpuDecoder;
 use crate::tokenizer::Tokenizer;
 
@@ -106,20 +106,6 @@ fn mean_max(errors: impl Iterator<Item = f64>) -> (f64, f64) {
         n += 1;
     }
     (sum / n.max(1) as f64, max)
-}
-
-/// log_softmax of `logits` at `ids`, in f64.
-fn logprobs_at(logits: &[f32], ids: &[u32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    ids.iter()
-        .map(|&id| logits[id as usize] as f64 - log_sum)
-        .collect()
 }
 
 /// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup

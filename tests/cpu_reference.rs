@@ -8,7 +8,7 @@
 mod common;
 
 use qwen_mk::checkpoint::Checkpoint;
-use qwen_mk::cpu_reference::{argmax, CpuModel, KvCache};
+use qwen_mk::cpu_reference::{argmax, logprobs_at, CpuModel, KvCache};
 use qwen_mk::parity::Reference;
 
 const LOGPROB_TOLERANCE: f64 = 1e-4;
@@ -77,16 +77,9 @@ fn teacher_forced_error(dir: &std::path::Path, reference: &Reference, steps: usi
             truth.ids[step],
             "greedy id differs at step {step}"
         );
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let log_sum = logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
-        for (id, expected) in truth.top_ids[step].iter().zip(&truth.top_logprobs[step]) {
-            let ours = logits[*id as usize] as f64 - log_sum;
-            worst = worst.max((ours - expected).abs());
+        let ours = logprobs_at(&logits, &truth.top_ids[step]);
+        for (o, expected) in ours.iter().zip(&truth.top_logprobs[step]) {
+            worst = worst.max((o - expected).abs());
         }
         logits = model.forward(truth.ids[step], &mut cache, None);
     }
