@@ -50,6 +50,7 @@ struct DecodeParams {
     unsigned int context;        // positions the KV cache holds
     unsigned int max_chunks;     // attention chunks the partials buffer holds per head
     float eps;                   // RMSNorm epsilon
+    unsigned long long* phase_times;  // null, or 1 + 5 * NUM_LAYERS timestamps (bench --profile)
 };
 
 struct AttentionShared {
@@ -371,6 +372,16 @@ __device__ void attention_phase(const DecodeParams& p, int layer, int pos, Atten
 
 // ---- the kernel ------------------------------------------------------------------
 
+// Profiling (`qwen-mk bench --profile`): block 0 stamps the global timer at
+// each phase boundary, just after the barrier, when every block is done.
+__device__ __forceinline__ void stamp_phase(const DecodeParams& p, int index) {
+    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        p.phase_times[index] = now;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
     __shared__ __align__(16) SharedStorage sm;
     __shared__ float scratch[WARPS];
@@ -402,6 +413,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
     WeightTile<HIDDEN, 2> qkv_tile;
     preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
+    stamp_phase(p, 0);
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
@@ -415,10 +427,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             p.qkv[2 * unit + 1] = y[1];
         });
         grid_sync(p.barrier);
+        stamp_phase(p, 1 + layer * 5 + 0);
 
         // B: attention.
         attention_phase(p, layer, pos, sm.attn);
         grid_sync(p.barrier);
+        stamp_phase(p, 1 + layer * 5 + 1);
 
         // C: O projection + residual.
         load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
@@ -428,6 +442,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             p.x[row] = residual + y[0];
         });
         grid_sync(p.barrier);
+        stamp_phase(p, 1 + layer * 5 + 2);
 
         // D: RMSNorm + gate/up + SiLU.
         rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
@@ -437,6 +452,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
         });
         grid_sync(p.barrier);
+        stamp_phase(p, 1 + layer * 5 + 3);
 
         // E: down projection + residual.
         load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
@@ -447,6 +463,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
             grid_sync(p.barrier);
         }
+        stamp_phase(p, 1 + layer * 5 + 4);
     }
 }
 

@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate heads bench variants peers
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate heads bench bench-max variants peers
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -69,7 +69,10 @@ for step in "${steps[@]}"; do
         run check-ties 30 python3 scripts/check_generate.py zeros /tmp/ties.json
         rm -rf models/all-ties ;;
     bench)
-        run bench 240 "$BIN" bench --model $M06 ;;
+        run bench 240 "$BIN" bench --model $M06 --profile ;;
+    bench-max)
+        # The last positions of the model's 40,960-token context.
+        run bench-max 240 "$BIN" bench --model $M06 --positions 40700 --steps 256 --repeats 2 ;;
     variants)
         # Every other binary carried in .device/ (qwen-mk-<name>), timed in the
         # same run as the main one: before/after comparisons on one machine.

@@ -124,6 +124,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let decode_ms = phase(&mut decoder, true)?;
     let lm_head_ms = phase(&mut decoder, false)?;
+    let mut profiles = Vec::new();
+    if args.profile {
+        for &position in &args.positions {
+            decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
+            profiles.push((position, decoder.profile_phases(args.steps)?));
+        }
+    }
 
     if args.json {
         let report = json!({
@@ -141,6 +148,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
             "decode_kernel_ms": decode_ms,
             "lm_head_kernel_ms": lm_head_ms,
+            "phase_us_per_layer": profiles.iter().map(|(p, t)| json!({"position": p, "A_qkv": t[0],
+                "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -170,5 +179,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!(
         "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (position 0)"
     );
+    if !profiles.is_empty() {
+        println!("decode kernel phases, us per layer (each includes its barrier; block 0's clock):");
+        println!("{:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "position", "A qkv", "B attn", "C o", "D gate/up", "E down", "layer");
+        for (position, t) in &profiles {
+            println!(
+                "{position:>9} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                t[0], t[1], t[2], t[3], t[4], t.iter().sum::<f64>()
+            );
+        }
+    }
     Ok(())
 }

@@ -83,6 +83,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time each phase of the decode kernel (in-kernel timestamps).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Args)]

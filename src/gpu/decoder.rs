@@ -57,8 +57,13 @@ struct DecodeParams {
     context: u32,
     max_chunks: u32,
     eps: f32,
+    phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
+
+/// Timestamps one profiled decode step records: the start, then the end of
+/// each of the five phases of every layer.
+pub const PHASE_STAMPS: usize = 1 + 5 * NUM_LAYERS;
 
 /// Mirrors `LmHeadParams` in kernels/lm_head.cu.
 #[repr(C)]
@@ -247,6 +252,7 @@ impl GpuDecoder {
             context: context as u32,
             max_chunks: max_chunks as u32,
             eps,
+            phase_times: 0,
         };
         let lm_params = LmHeadParams {
             x: act,
@@ -330,13 +336,17 @@ impl GpuDecoder {
     }
 
     pub fn enqueue_decode(&self) -> Result<()> {
+        self.launch_decode(&self.decode_params)
+    }
+
+    fn launch_decode(&self, params: &DecodeParams) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: (self.decode_blocks, 1, 1),
             block_dim: (DECODE_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&self.device.decode_step);
-        launch.arg(&self.decode_params);
+        launch.arg(params);
         unsafe { launch.launch_cooperative(cfg) }.context("decode kernel launch failed")?;
         Ok(())
     }
@@ -371,6 +381,31 @@ impl GpuDecoder {
             (Ok(()), Ok(graph)) => Ok(graph),
             _ => Ok(None),
         }
+    }
+
+    /// Runs `steps` decode steps from the current state with the kernel's
+    /// phase timestamps on; returns the mean time of each phase (A..E) per
+    /// layer, in microseconds. Block 0 stamps each boundary after the barrier,
+    /// so a phase's time includes its barrier.
+    pub fn profile_phases(&self, steps: usize) -> Result<[f64; 5]> {
+        let stamps = self.stream.alloc_zeros::<u64>(steps * PHASE_STAMPS)?;
+        let base = ptr(&stamps, &self.stream);
+        for step in 0..steps {
+            let mut params = self.decode_params;
+            params.phase_times = base + (step * PHASE_STAMPS * 8) as u64;
+            self.launch_decode(&params)?;
+            self.enqueue_lm_head(false)?;
+        }
+        self.synchronize()?;
+        let stamps = self.stream.clone_dtoh(&stamps)?;
+        let mut totals = [0f64; 5];
+        for step in stamps.chunks_exact(PHASE_STAMPS) {
+            for (i, pair) in step.windows(2).enumerate() {
+                totals[i % 5] += pair[1].saturating_sub(pair[0]) as f64;
+            }
+        }
+        let per_layer = (steps * NUM_LAYERS) as f64 * 1e3; // ns -> us
+        Ok(totals.map(|t| t / per_layer))
     }
 
     /// The logits the last `enqueue_step(true)` wrote (waits for it).
