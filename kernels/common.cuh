@@ -37,12 +37,6 @@ struct DecodeState {
     unsigned int n_eos;
 };
 
-// A sense-reversing grid barrier. `arrived` is back to 0 after every
-// completed barrier, so no state carries from one launch into the next.
-struct GridBarrier {
-    unsigned int arrived;
-    unsigned int generation;
-};
 
 // ---- loads -----------------------------------------------------------------
 

@@ -44,7 +44,7 @@ struct DecodeParams {
     float* mlp;                  // INTERMEDIATE
     float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
     unsigned int* attn_counters; // NUM_KV_HEADS, zero between phases
-    GridBarrier* barrier;
+    unsigned long long* barrier; // grid barrier arrivals (see GridBarrier)
     const DecodeState* state;
     const unsigned int* tokens;  // context + 1 token ids
     unsigned int context;        // positions the KV cache holds
@@ -70,26 +70,51 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
     return p.layers + (size_t)layer * QMK_LAYER_STRIDE + offset;
 }
 
-__device__ void grid_sync(GridBarrier* barrier) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> arrived(barrier->arrived);
-        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> generation(barrier->generation);
-        // Read the generation before arriving: it cannot move on until we arrive.
-        const unsigned int gen = generation.load(cuda::memory_order_relaxed);
-        // The release publishes this block's writes (ordered before it by the
-        // __syncthreads above); the acquire makes every block's visible here,
-        // and the __syncthreads below passes that on to the whole block.
-        if (arrived.fetch_add(1, cuda::memory_order_acq_rel) == gridDim.x - 1) {
-            arrived.store(0, cuda::memory_order_relaxed);
-            generation.store(gen + 1, cuda::memory_order_release);
-        } else {
-            while (generation.load(cuda::memory_order_acquire) == gen) {
-            }
+// The grid barrier: a 64-bit count of block arrivals that only grows. Each
+// arrival is a fire-and-forget release add; waiting is an acquire spin until
+// the count reaches this barrier's target, so the last block to arrive costs
+// one memory operation, not a read-modify-write plus a flag (measured 5%
+// faster per step than a sense-reversing barrier, RESULTS.md).
+//
+// Every launch that starts runs exactly BARRIERS_PER_LAUNCH barriers (or
+// none, when the loop is done), so between launches the count is a multiple
+// of BARRIERS_PER_LAUNCH * gridDim.x. A block reads it before its first
+// arrival, when at most gridDim.x - 1 arrivals of this launch can be in it,
+// and rounds down to find the launch's base: no reset at kernel start, and
+// nothing that a previous launch leaves can shift a target. The host zeroes
+// the count whenever it starts a sequence.
+struct GridBarrier {
+    static constexpr unsigned long long BARRIERS_PER_LAUNCH = 5 * NUM_LAYERS - 1;
+    unsigned long long* count;
+    unsigned long long target;  // meaningful in thread 0 only
+
+    __device__ explicit GridBarrier(unsigned long long* count_) : count(count_), target(0) {
+        if (threadIdx.x == 0) {
+            const unsigned long long now = load_acquire(count);
+            target = now - now % (BARRIERS_PER_LAUNCH * gridDim.x);
         }
     }
-    __syncthreads();
-}
+
+    __device__ void sync() {
+        // The release add publishes this block's writes (ordered before it by
+        // the __syncthreads); the acquire spin makes every block's visible to
+        // thread 0, and the second __syncthreads passes that on to the block.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+            target += gridDim.x;
+            while (load_acquire(count) < target) {
+            }
+        }
+        __syncthreads();
+    }
+
+    static __device__ unsigned long long load_acquire(const unsigned long long* p) {
+        unsigned long long v;
+        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+        return v;
+    }
+};
 
 // R weight rows of K bf16 as one warp holds them: each lane a 16-byte slice
 // of every row per 256 columns. Loading is separate from using, so a tile
@@ -326,7 +351,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
 }
 
 // The block that finishes a KV head's last chunk merges all its chunks.
-// As in grid_sync, the acq_rel count publishes this block's partials (ordered
+// As in GridBarrier, the acq_rel count publishes this block's partials (ordered
 // by the __syncthreads before it) and, for the last block, acquires everyone's.
 __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, AttentionShared& sm) {
     __syncthreads();
@@ -414,6 +439,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     WeightTile<HIDDEN, 2> qkv_tile;
     preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
     stamp_phase(p, 0);
+    GridBarrier barrier(p.barrier);
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
@@ -426,12 +452,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             p.qkv[2 * unit] = y[0];
             p.qkv[2 * unit + 1] = y[1];
         });
-        grid_sync(p.barrier);
+        barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 0);
 
         // B: attention.
         attention_phase(p, layer, pos, sm.attn);
-        grid_sync(p.barrier);
+        barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 1);
 
         // C: O projection + residual.
@@ -441,7 +467,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
             p.x[row] = residual + y[0];
         });
-        grid_sync(p.barrier);
+        barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 2);
 
         // D: RMSNorm + gate/up + SiLU.
@@ -451,7 +477,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         project(gate_up_tile, false, INTERMEDIATE, gate_up_rows(layer), sm.vec, [&](int j, const float (&gu)[2]) {
             p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
         });
-        grid_sync(p.barrier);
+        barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 3);
 
         // E: down projection + residual.
@@ -461,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
                 [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
         if (layer + 1 < NUM_LAYERS) {  // the launch's end orders the last layer
             preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
-            grid_sync(p.barrier);
+            barrier.sync();
         }
         stamp_phase(p, 1 + layer * 5 + 4);
     }

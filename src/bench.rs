@@ -180,12 +180,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (position 0)"
     );
     if !profiles.is_empty() {
-        println!("decode kernel phases, us per layer (each includes its barrier; block 0's clock):");
-        println!("{:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "position", "A qkv", "B attn", "C o", "D gate/up", "E down", "layer");
+        println!(
+            "decode kernel phases, us per layer (each includes its barrier; block 0's clock):"
+        );
+        println!(
+            "{:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "position", "A qkv", "B attn", "C o", "D gate/up", "E down", "layer"
+        );
         for (position, t) in &profiles {
             println!(
                 "{position:>9} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-                t[0], t[1], t[2], t[3], t[4], t.iter().sum::<f64>()
+                t[0],
+                t[1],
+                t[2],
+                t[3],
+                t[4],
+                t.iter().sum::<f64>()
             );
         }
     }

@@ -85,6 +85,10 @@ struct LmHeadParams {
 }
 unsafe impl DeviceRepr for LmHeadParams {}
 
+/// attention counters (one per KV head) | grid barrier count (u64, 8-byte
+/// aligned: NUM_KV_HEADS is even) | LM-head blocks done.
+const COUNTER_WORDS: usize = NUM_KV_HEADS + 2 + 1;
+
 /// Steps queued ahead of the one whose token the host waits for.
 const LOOKAHEAD: usize = 8;
 
@@ -124,13 +128,9 @@ pub struct GpuDecoder {
     k_cache: CudaSlice<u16>,
     v_cache: CudaSlice<u16>,
     /// Held only to keep the device memory the parameter structs point at.
-    _buffers: (
-        GpuWeights,
-        CudaSlice<f32>,
-        CudaSlice<f32>,
-        CudaSlice<u32>,
-        CudaSlice<u64>,
-    ),
+    _buffers: (GpuWeights, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<u64>),
+    /// Attention merge counters, grid barrier count, LM-head blocks done.
+    counters: CudaSlice<u32>,
     state: CudaSlice<u32>,
     tokens: CudaSlice<u32>,
     predicted: CudaSlice<u32>,
@@ -211,8 +211,8 @@ impl GpuDecoder {
         // x | qkv | attn | mlp, each 256-byte aligned (all sizes are multiples of 64 floats).
         let activations = stream.alloc_zeros::<f32>(HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE)?;
         let attn_partials = stream.alloc_zeros::<f32>(NUM_Q_HEADS * max_chunks * (HEAD_DIM + 2))?;
-        // attention counters | grid barrier (arrived, generation) | LM-head blocks done
-        let counters = stream.alloc_zeros::<u32>(NUM_KV_HEADS + 2 + 1)?;
+        // attention counters | grid barrier count (u64) | LM-head blocks done
+        let counters = stream.alloc_zeros::<u32>(COUNTER_WORDS)?;
         let state = stream.alloc_zeros::<u32>(STATE_WORDS)?;
         let tokens = stream.alloc_zeros::<u32>(context + 1)?;
         let predicted = stream.alloc_zeros::<u32>(context)?;
@@ -279,7 +279,8 @@ impl GpuDecoder {
             lm_head_blocks,
             k_cache,
             v_cache,
-            _buffers: (weights, activations, attn_partials, counters, block_best),
+            _buffers: (weights, activations, attn_partials, block_best),
+            counters,
             state,
             tokens,
             predicted,
@@ -321,6 +322,9 @@ impl GpuDecoder {
         }
         let words: [u32; STATE_WORDS] = unsafe { std::mem::transmute(state) };
         self.stream.memcpy_htod(&words, &mut self.state)?;
+        // Every kernel leaves the counters consistent; zeroing them here means
+        // a sequence never depends on what ran before it.
+        self.stream.memset_zeros(&mut self.counters)?;
         if !tokens.is_empty() {
             self.stream
                 .memcpy_htod(tokens, &mut self.tokens.slice_mut(..tokens.len()))?;
