@@ -124,14 +124,18 @@ struct WeightTile {
     static constexpr int SLICES = K / (8 * WARP);
     uint4 w[R][SLICES];
 
-    template <typename Rows>
+    // From global memory, or (FROM_SHARED) from rows staged in shared memory.
+    template <bool FROM_SHARED = false, typename Rows>
     __device__ __forceinline__ void load(Rows rows, int unit) {
         const int lane = threadIdx.x % WARP;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const bf16* src = rows(unit, r);
 #pragma unroll
-            for (int s = 0; s < SLICES; ++s) w[r][s] = load_weights16(src + (s * WARP + lane) * 8);
+            for (int s = 0; s < SLICES; ++s) {
+                const bf16* at = src + (s * WARP + lane) * 8;
+                w[r][s] = FROM_SHARED ? *reinterpret_cast<const uint4*>(at) : load_weights16(at);
+            }
         }
     }
 
@@ -170,6 +174,85 @@ __device__ __forceinline__ void project(WeightTile<K, R>& tile, bool preloaded, 
     for (int unit = first; unit < end; unit += WARPS) {
         if (!preloaded || unit != first) tile.load(rows, unit);
         float y[R];
+        tile.dot(vec, y);
+        if (threadIdx.x % WARP == 0) store(unit, y);
+    }
+}
+
+// A block's first rows of the next projection, copied into shared memory by
+// the bulk-copy engine: one thread issues the copy, completion arrives on an
+// mbarrier, and the block does other work meanwhile (the O rows stream in
+// during attention, the down rows during gate/up). No registers are held.
+struct WeightStage {
+    bf16* buffer;              // QMK_STAGE_BYTES of dynamic shared memory
+    unsigned long long* mbar;  // in shared memory
+    unsigned int parity = 0;   // the phase the next wait waits for
+
+    __device__ WeightStage(unsigned char* dynamic_smem, unsigned long long* barrier_word)
+        : buffer(reinterpret_cast<bf16*>(dynamic_smem)), mbar(barrier_word) {
+        if (threadIdx.x == 0) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(mbar)) : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncthreads();
+    }
+
+    // Starts copying this block's share of W (rows x K, as block_rows splits
+    // it), as many rows as fit; returns how many (the same in every thread).
+    template <int K>
+    __device__ int start(const bf16* W, int rows) {
+        int begin, end;
+        split_range(rows, blockIdx.x, gridDim.x, begin, end);
+        const int staged = min(end - begin, (int)(QMK_STAGE_BYTES / (K * sizeof(bf16))));
+        if (threadIdx.x == 0 && staged > 0) {
+            const unsigned int bytes = staged * K * sizeof(bf16);
+            // Earlier generic reads of the buffer come before the async write.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(mbar)), "r"(bytes)
+                         : "memory");
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                    smem_addr(buffer)),
+                "l"(W + (size_t)begin * K), "r"(bytes), "r"(smem_addr(mbar))
+                : "memory");
+        }
+        return staged;
+    }
+
+    // Waits for the copy `start` issued (call only when it staged rows).
+    __device__ void wait() {
+        asm volatile(
+            "{\n"
+            ".reg .pred done;\n"
+            "WAIT_%=:\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+            "@!done bra WAIT_%=;\n"
+            "}\n" ::"r"(smem_addr(mbar)),
+            "r"(parity)
+            : "memory");
+        parity ^= 1;
+    }
+
+    static __device__ unsigned int smem_addr(const void* p) {
+        return (unsigned int)__cvta_generic_to_shared(p);
+    }
+};
+
+// `project` for R = 1 phases whose first `staged` rows of the block are in
+// `stage` (row-major); the rest come from global memory.
+template <int K, typename Rows, typename Store>
+__device__ __forceinline__ void project_staged(int units, Rows rows, const bf16* stage, int staged,
+                                               const float* vec, Store store) {
+    int begin, end;
+    split_range(units, blockIdx.x, gridDim.x, begin, end);
+    auto staged_rows = [stage, begin](int unit, int) { return stage + (size_t)(unit - begin) * K; };
+    WeightTile<K, 1> tile;
+    for (int unit = begin + (int)threadIdx.x / WARP; unit < end; unit += WARPS) {
+        if (unit - begin < staged)
+            tile.template load<true>(staged_rows, unit);
+        else
+            tile.load(rows, unit);
+        float y[1];
         tile.dot(vec, y);
         if (threadIdx.x % WARP == 0) store(unit, y);
     }
@@ -410,6 +493,8 @@ __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int index) {
 extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
     __shared__ __align__(16) SharedStorage sm;
     __shared__ float scratch[WARPS];
+    __shared__ unsigned long long stage_barrier;
+    extern __shared__ __align__(128) unsigned char dynamic_smem[];
 
     const DecodeState* state = p.state;
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
@@ -440,6 +525,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
     stamp_phase(p, 0);
     GridBarrier barrier(p.barrier);
+    WeightStage stage(dynamic_smem, &stage_barrier);
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
@@ -455,22 +541,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 0);
 
-        // B: attention.
+        // B: attention, while the block's O rows stream into shared memory.
+        const int o_staged = stage.start<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
         attention_phase(p, layer, pos, sm.attn);
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 1);
 
         // C: O projection + residual.
         load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
-        WeightTile<Q_DIM, 1> o_tile;
-        project(o_tile, false, HIDDEN, o_rows(layer), sm.vec, [&](int row, const float (&y)[1]) {
-            const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
-            p.x[row] = residual + y[0];
-        });
+        if (o_staged > 0) stage.wait();
+        project_staged<Q_DIM>(HIDDEN, o_rows(layer), stage.buffer, o_staged, sm.vec,
+                              [&](int row, const float (&y)[1]) {
+                                  const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
+                                  p.x[row] = residual + y[0];
+                              });
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 2);
 
-        // D: RMSNorm + gate/up + SiLU.
+        // D: RMSNorm + gate/up + SiLU, while the down rows stream in.
+        const int down_staged = stage.start<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
         rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
                                             sm.vec, scratch);
         WeightTile<HIDDEN, 2> gate_up_tile;
@@ -482,9 +571,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // E: down projection + residual.
         load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
-        WeightTile<INTERMEDIATE, 1> down_tile;
-        project(down_tile, false, HIDDEN, down_rows(layer), sm.vec,
-                [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
+        if (down_staged > 0) stage.wait();
+        project_staged<INTERMEDIATE>(HIDDEN, down_rows(layer), stage.buffer, down_staged, sm.vec,
+                                     [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
         if (layer + 1 < NUM_LAYERS) {  // the launch's end orders the last layer
             preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
             barrier.sync();

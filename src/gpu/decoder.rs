@@ -20,7 +20,7 @@ use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
     ATTN_MAX_CHUNK, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS, NUM_KV_HEADS,
-    NUM_LAYERS, NUM_Q_HEADS, QKV_ROWS, Q_DIM,
+    NUM_LAYERS, NUM_Q_HEADS, QKV_ROWS, Q_DIM, STAGE_BYTES,
 };
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
@@ -181,9 +181,17 @@ impl GpuDecoder {
 
         // Grid: one resident block per SM, checked by the occupancy API and
         // enforced by the cooperative launch.
+        device.decode_step.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            STAGE_BYTES as i32,
+        )?;
         let per_sm = device
             .decode_step
-            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS as u32, 0, None)?;
+            .occupancy_max_active_blocks_per_multiprocessor(
+                DECODE_THREADS as u32,
+                STAGE_BYTES,
+                None,
+            )?;
         if per_sm == 0 {
             bail!(
                 "the decode kernel cannot be resident on {} (occupancy 0)",
@@ -347,7 +355,7 @@ impl GpuDecoder {
         let cfg = LaunchConfig {
             grid_dim: (self.decode_blocks, 1, 1),
             block_dim: (DECODE_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: STAGE_BYTES as u32,
         };
         let mut launch = self.stream.launch_builder(&self.device.decode_step);
         launch.arg(params);
