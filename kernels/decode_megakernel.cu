@@ -179,17 +179,17 @@ __device__ __forceinline__ void project(WeightTile<K, R>& tile, bool preloaded, 
     }
 }
 
-// A block's first rows of a later projection, copied into shared memory by
+// A block's first rows of the next projection, copied into shared memory by
 // the bulk-copy engine: one thread issues the copy, completion arrives on an
-// mbarrier, and the block does other work meanwhile. No registers are held.
+// mbarrier, and the block does other work meanwhile (the O rows stream in
+// during attention, the down rows during gate/up). No registers are held.
 struct WeightStage {
-    bf16* buffer;              // `capacity` bytes of dynamic shared memory
-    unsigned int capacity;
+    bf16* buffer;              // QMK_STAGE_BYTES of dynamic shared memory
     unsigned long long* mbar;  // in shared memory
     unsigned int parity = 0;   // the phase the next wait waits for
 
-    __device__ WeightStage(unsigned char* smem, unsigned int capacity_, unsigned long long* barrier_word)
-        : buffer(reinterpret_cast<bf16*>(smem)), capacity(capacity_), mbar(barrier_word) {
+    __device__ WeightStage(unsigned char* dynamic_smem, unsigned long long* barrier_word)
+        : buffer(reinterpret_cast<bf16*>(dynamic_smem)), mbar(barrier_word) {
         if (threadIdx.x == 0) {
             asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(mbar)) : "memory");
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -203,7 +203,7 @@ struct WeightStage {
     __device__ int start(const bf16* W, int rows) {
         int begin, end;
         split_range(rows, blockIdx.x, gridDim.x, begin, end);
-        const int staged = min(end - begin, (int)(capacity / (K * sizeof(bf16))));
+        const int staged = min(end - begin, (int)(QMK_STAGE_BYTES / (K * sizeof(bf16))));
         if (threadIdx.x == 0 && staged > 0) {
             const unsigned int bytes = staged * K * sizeof(bf16);
             // Earlier generic reads of the buffer come before the async write.
@@ -462,24 +462,12 @@ __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, 
     if (threadIdx.x == 0) p.attn_counters[kv_head] = 0;  // ready for the next layer
 }
 
-// The cache is split over about one block per (KV head, chunk); a chunk is
-// never longer than the shared-memory score buffer.
-__device__ __forceinline__ int attention_chunk_len(int pos) {
+__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm) {
+    // Split the cache over about one block per (KV head, chunk); a chunk is
+    // never longer than the shared-memory score buffer.
     const int n_keys = pos + 1;
     const int wanted = max(1, (int)gridDim.x / NUM_KV_HEADS);
-    return min(max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK), ATTN_MAX_CHUNK);
-}
-
-// Attention tasks (KV head, chunk) at this position; blocks at or past this
-// index have none.
-__device__ __forceinline__ int attention_tasks(int pos) {
-    const int chunk_len = attention_chunk_len(pos);
-    return NUM_KV_HEADS * ((pos + chunk_len) / chunk_len);
-}
-
-__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm) {
-    const int n_keys = pos + 1;
-    const int chunk_len = attention_chunk_len(pos);
+    const int chunk_len = min(max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK), ATTN_MAX_CHUNK);
     const int n_chunks = (n_keys + chunk_len - 1) / chunk_len;
     for (int task = blockIdx.x; task < NUM_KV_HEADS * n_chunks; task += gridDim.x) {
         const int kv_head = task / n_chunks, chunk = task % n_chunks;
@@ -505,7 +493,7 @@ __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int index) {
 extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
     __shared__ __align__(16) SharedStorage sm;
     __shared__ float scratch[WARPS];
-    __shared__ unsigned long long stage_barriers[2];
+    __shared__ unsigned long long stage_barrier;
     extern __shared__ __align__(128) unsigned char dynamic_smem[];
 
     const DecodeState* state = p.state;
@@ -537,11 +525,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
     stamp_phase(p, 0);
     GridBarrier barrier(p.barrier);
-    // The O rows and the down rows of each layer stream into shared memory
-    // while attention runs, when HBM is otherwise idle.
-    WeightStage o_stage(dynamic_smem, QMK_STAGE_BYTES / 2, &stage_barriers[0]);
-    WeightStage down_stage(dynamic_smem + QMK_STAGE_BYTES / 2, QMK_STAGE_BYTES / 2, &stage_barriers[1]);
-    const bool has_attention_work = (int)blockIdx.x < attention_tasks(pos);
+    WeightStage stage(dynamic_smem, &stage_barrier);
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
@@ -557,23 +541,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 0);
 
-        // B: attention. Blocks without attention work start their weight copies
-        // at once; the others after their attention, so as not to slow it.
-        int o_staged = 0, down_staged = 0;
-        auto start_copies = [&] {
-            o_staged = o_stage.start<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
-            down_staged = down_stage.start<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
-        };
-        if (!has_attention_work) start_copies();
+        // B: attention, while the block's O rows stream into shared memory.
+        const int o_staged = stage.start<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
         attention_phase(p, layer, pos, sm.attn);
-        if (has_attention_work) start_copies();
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 1);
 
         // C: O projection + residual.
         load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
-        if (o_staged > 0) o_stage.wait();
-        project_staged<Q_DIM>(HIDDEN, o_rows(layer), o_stage.buffer, o_staged, sm.vec,
+        if (o_staged > 0) stage.wait();
+        project_staged<Q_DIM>(HIDDEN, o_rows(layer), stage.buffer, o_staged, sm.vec,
                               [&](int row, const float (&y)[1]) {
                                   const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
                                   p.x[row] = residual + y[0];
@@ -581,7 +558,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 2);
 
-        // D: RMSNorm + gate/up + SiLU.
+        // D: RMSNorm + gate/up + SiLU, while the down rows stream in.
+        const int down_staged = stage.start<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
         rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
                                             sm.vec, scratch);
         WeightTile<HIDDEN, 2> gate_up_tile;
@@ -593,8 +571,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // E: down projection + residual.
         load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
-        if (down_staged > 0) down_stage.wait();
-        project_staged<INTERMEDIATE>(HIDDEN, down_rows(layer), down_stage.buffer, down_staged, sm.vec,
+        if (down_staged > 0) stage.wait();
+        project_staged<INTERMEDIATE>(HIDDEN, down_rows(layer), stage.buffer, down_staged, sm.vec,
                                      [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
         if (layer + 1 < NUM_LAYERS) {  // the launch's end orders the last layer
             preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
