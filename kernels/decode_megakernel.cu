@@ -14,12 +14,14 @@
 // (lm_head.cu). The residual stream and all activations stay in f32; weights
 // and the KV cache are bf16.
 //
-// Weights never depend on activations, so before the barrier that ends a
-// layer every warp already issues the loads of its first QKV rows of the
-// next layer: that HBM latency overlaps the barrier instead of following it.
-// (Doing the same before every barrier, or before each phase's input
-// gather, pushes the kernel past 128 registers: ptxas then parks the tiles in
-// local memory right after loading them, which measured slower. RESULTS.md.)
+// Weights never depend on activations, so they are fetched ahead of use:
+// before the barrier that ends a layer every warp issues the loads of its
+// first QKV rows of the next layer (registers), and each block's O rows and
+// down rows stream into shared memory by bulk async copy during attention
+// and during gate/up (WeightStage). Holding register tiles across the other
+// barriers pushed the kernel past 128 registers and into local memory, which
+// measured slower; so did copying both O and down during attention
+// (RESULTS.md).
 #include <cuda/atomic>
 
 #include "common.cuh"

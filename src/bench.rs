@@ -34,7 +34,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
-    decoder.fill_cache_random(context, 7)?;
+    decoder.fill_cache_random(7)?;
     let bandwidth = decoder.measure_read_bandwidth(2 << 30, 10)?;
 
     // Steps queued one launch at a time, and the same steps replayed from a
