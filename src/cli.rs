@@ -50,9 +50,18 @@ pub enum DeviceKind {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt text (used as is: no chat template).
+    /// The prompt text; used as is unless --chat.
     #[arg(long)]
     pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// With --chat: ask Qwen3 to answer without its <think> block.
+    #[arg(long, requires = "chat")]
+    pub no_think: bool,
     /// Stop after this many new tokens (or at an end-of-sequence token).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
+use crate::chat::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{DeviceKind, GenerateArgs};
 use crate::config::eos_token_ids;
@@ -28,7 +29,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         bail!("--max-new-tokens must be between 1 and {limit} (the model's context)");
     }
     let tokenizer = Tokenizer::from_model_dir(&dir)?;
-    let prompt_ids = tokenizer.encode(&args.prompt)?;
+    let prompt_text = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        ChatTemplate::from_model_dir(&dir)?.render(&messages, args.no_think.then_some(false))?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt_ids = tokenizer.encode(&prompt_text)?;
     if prompt_ids.is_empty() {
         bail!("the prompt encodes to no tokens; pass some text with --prompt");
     }
@@ -86,7 +97,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let report = json!({
             "model": dir.display().to_string(),
             "device": device_name,
-            "prompt": args.prompt,
+            "prompt": prompt_text,
             "prompt_ids": prompt_ids,
             "generated_ids": generated,
             "text": tokenizer.decode(&generated)?,

@@ -3,6 +3,7 @@
 //! tests can reach the loader, the CPU reference and the checks directly.
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
