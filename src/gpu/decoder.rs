@@ -466,25 +466,28 @@ impl GpuDecoder {
             .collect::<Result<_, _>>()?;
         let start = std::time::Instant::now();
         let mut first_token_ms = 0.0;
+        // Every step gets an event and at most LOOKAHEAD are queued: the GPU
+        // never runs dry, and no wait covers more than a few steps, so the
+        // watchdog cannot mistake a long prompt for a hang.
         let mut pending: VecDeque<(usize, usize)> = VecDeque::new(); // (position, event index)
         let first_output = prompt.len() - 1;
         let mut launched = 0;
         let mut produced = 0;
-        'steps: while produced < max_new {
-            // Keep the queue full; prompt positions need no waiting at all.
+        while produced < max_new {
             while launched < total_steps && pending.len() < LOOKAHEAD {
                 self.enqueue_step(false)?;
-                if launched >= first_output {
-                    let slot = launched % events.len();
-                    events[slot].record(&self.stream)?;
-                    pending.push_back((launched, slot));
-                }
+                let slot = launched % events.len();
+                events[slot].record(&self.stream)?;
+                pending.push_back((launched, slot));
                 launched += 1;
             }
             let Some((pos, slot)) = pending.pop_front() else {
                 break;
             };
             wait_for(&events[slot], "a decode step")?;
+            if pos < first_output {
+                continue; // a prompt position: nothing to report
+            }
             let host = self.host_tokens.as_ptr()?;
             // SAFETY: the event completed, so the LM head's write to this slot is done.
             let token = unsafe { std::ptr::read_volatile(host.add(pos)) };
@@ -494,7 +497,7 @@ impl GpuDecoder {
             produced += 1;
             on_token(token)?;
             if eos.contains(&token) {
-                break 'steps; // queued steps see `done` and return at once
+                break; // queued steps see `done` and return at once
             }
         }
         self.synchronize()?;
