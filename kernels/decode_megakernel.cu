@@ -390,7 +390,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
     {
         const int half = lane / 16, dl = lane % 16;
         float acc[GQA_GROUP][8] = {};
-#pragma unroll 2
+#pragma unroll 4
         for (int t = begin + warp * 2 + half; t < end; t += WARPS * 2) {
             float v[8];
             unpack8(load_coherent16(v_cache + (size_t)t * HEAD_DIM + dl * 8), v);
