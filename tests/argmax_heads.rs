@@ -8,23 +8,15 @@ use qwen_mk::synthetic::{Head, EOS_IDS};
 
 fn generate_json(dir: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
-        "generate",
         "--model",
         dir.to_str().unwrap(),
         "--device",
         "cpu",
         "--prompt",
         "Hello world",
-        "--json",
     ];
     args.extend_from_slice(extra);
-    let out = common::qwen_mk(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::generate_json(&args)
 }
 
 #[test]

@@ -53,8 +53,7 @@ fn renders_and_tokenizes_like_transformers() {
 #[test]
 fn chat_flags_reach_the_prompt() {
     let dir = common::tiny_checkpoint(1, true);
-    let out = common::qwen_mk(&[
-        "generate",
+    let report = common::generate_json(&[
         "--model",
         dir.path().to_str().unwrap(),
         "--device",
@@ -65,14 +64,7 @@ fn chat_flags_reach_the_prompt() {
         "--no-think",
         "--max-new-tokens",
         "1",
-        "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         report["prompt"],
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"

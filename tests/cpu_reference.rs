@@ -108,8 +108,7 @@ fn cli_generate_on_cpu_gives_the_transformers_ids() {
     let dir = common::tiny_checkpoint(seed.parse().unwrap(), true);
     let prompt = raw["prompt"].as_str().unwrap();
     let steps = reference.truth.ids.len().to_string();
-    let out = common::qwen_mk(&[
-        "generate",
+    let report = common::generate_json(&[
         "--model",
         dir.path().to_str().unwrap(),
         "--device",
@@ -119,26 +118,9 @@ fn cli_generate_on_cpu_gives_the_transformers_ids() {
         "--max-new-tokens",
         &steps,
         "--ignore-eos",
-        "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u32> = report["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let prompt_ids: Vec<u32> = report["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let ids = common::ids(&report["generated_ids"]);
+    let prompt_ids = common::ids(&report["prompt_ids"]);
     assert_eq!(prompt_ids, reference.prompt_ids);
     assert_eq!(ids, reference.truth.ids);
 }

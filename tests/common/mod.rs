@@ -67,3 +67,27 @@ pub fn tiny_test_head_checkpoint(head: Head) -> tempfile::TempDir {
     write_checkpoint(dir.path(), &assets(), &spec).expect("write tiny checkpoint");
     dir
 }
+
+/// Runs `qwen-mk generate ... --json`, asserts success, returns the report.
+pub fn generate_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["generate"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = qwen_mk(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("generate --json prints JSON")
+}
+
+/// A JSON array of token ids.
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|v| v.as_u64().expect("an id") as u32)
+        .collect()
+}
