@@ -53,6 +53,11 @@ impl Device {
             .split(',')
             .map(|a| a.trim().trim_end_matches('a'))
             .collect();
+        if major < 9 {
+            bail!(
+                "{name} is sm_{arch}; qwen-mk's kernels need compute capability 9.0 or newer (H100/H200, RTX 5090); use --device cpu"
+            );
+        }
         if !built_for.contains(&arch.as_str()) {
             bail!(
                 "{name} is sm_{arch}, but this build of qwen-mk has machine code for sm_{} only; rebuild with QWEN_MK_CUDA_ARCHS={arch}a",
