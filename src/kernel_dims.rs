@@ -78,3 +78,55 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_OFF_DOWN", layer_layout::DOWN),
     ("QMK_LAYER_STRIDE", layer_layout::STRIDE),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::layer_layout::*;
+    use super::*;
+
+    #[test]
+    fn packed_layer_regions_are_aligned_and_disjoint() {
+        // (start, length) of every region of one packed layer, in order.
+        let regions = [
+            (INPUT_NORM, HIDDEN),
+            (POST_ATTN_NORM, HIDDEN),
+            (Q_NORM, HEAD_DIM),
+            (K_NORM, HEAD_DIM),
+            (QKV, QKV_ROWS * HIDDEN),
+            (O, HIDDEN * Q_DIM),
+            (GATE, INTERMEDIATE * HIDDEN),
+            (UP, INTERMEDIATE * HIDDEN),
+            (DOWN, HIDDEN * INTERMEDIATE),
+        ];
+        for pair in regions.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:?} overlap");
+        }
+        let (last_start, last_len) = regions[regions.len() - 1];
+        assert!(last_start + last_len <= STRIDE);
+        // Matrices start on 256-byte boundaries (16-byte loads, bulk copies).
+        for start in [QKV, O, GATE, UP, DOWN, STRIDE] {
+            assert_eq!(start * 2 % 256, 0, "offset {start} is not 256-byte aligned");
+        }
+    }
+
+    #[test]
+    fn every_constant_reaches_nvcc() {
+        for name in [
+            "QMK_HIDDEN",
+            "QMK_OFF_QKV",
+            "QMK_LAYER_STRIDE",
+            "QMK_STAGE_BYTES",
+        ] {
+            assert!(
+                KERNEL_DEFINES.iter().any(|(n, _)| *n == name),
+                "{name} missing"
+            );
+        }
+        let names: std::collections::HashSet<_> = KERNEL_DEFINES.iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names.len(),
+            KERNEL_DEFINES.len(),
+            "a define is listed twice"
+        );
+    }
+}
