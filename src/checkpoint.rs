@@ -193,13 +193,6 @@ impl Checkpoint {
         &self.files[loc.file][loc.start..loc.end]
     }
 
-    pub fn to_bf16(&self, name: &str) -> Vec<bf16> {
-        self.bytes(name)
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-            .collect()
-    }
-
     pub fn to_f32(&self, name: &str) -> Vec<f32> {
         self.bytes(name)
             .chunks_exact(2)

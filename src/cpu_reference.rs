@@ -49,10 +49,6 @@ impl KvCache {
     pub fn len(&self, config: &ModelConfig) -> usize {
         self.keys.first().map_or(0, |k| k.len() / config.kv_dim())
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.first().is_none_or(Vec::is_empty)
-    }
 }
 
 impl CpuModel {

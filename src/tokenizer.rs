@@ -38,10 +38,6 @@ impl Tokenizer {
             .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}"))
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     /// Text decoded incrementally: each step returns what the new token
     /// adds, once it forms whole characters.
     pub fn stream(&self) -> TextStream<'_> {
