@@ -40,52 +40,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Steps queued one launch at a time, and the same steps replayed from a
     // CUDA graph of GRAPH_STEPS steps (when the driver can capture them).
     let graph = decoder.capture_steps(GRAPH_STEPS)?;
+    let graph_launches = args.steps.div_ceil(GRAPH_STEPS);
     let mut rows = Vec::new();
     for &position in &args.positions {
-        let mut times = Vec::new();
-        let mut graph_times = Vec::new();
-        let mut host_ms = Vec::new();
-        for repeat in 0..=args.repeats {
-            for use_graph in [false, true] {
-                if use_graph && graph.is_none() {
-                    continue;
-                }
-                decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
-                let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
-                let host_start = std::time::Instant::now();
-                start.record(&decoder.stream)?;
-                match &graph {
-                    Some(g) if use_graph => {
-                        for _ in 0..args.steps.div_ceil(GRAPH_STEPS) {
-                            g.launch()?;
-                        }
-                    }
-                    _ => {
-                        for _ in 0..args.steps {
-                            decoder.enqueue_step(false)?;
-                        }
-                    }
-                }
-                end.record(&decoder.stream)?;
-                let host = host_start.elapsed().as_secs_f64() * 1e3;
-                decoder.wait(&end)?;
-                if repeat > 0 {
-                    // the first is warm-up
-                    if use_graph {
-                        let steps = args.steps.div_ceil(GRAPH_STEPS) * GRAPH_STEPS;
-                        graph_times.push(start.elapsed_ms(&end)? as f64 / steps as f64);
-                    } else {
-                        times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64);
-                        host_ms.push(host / args.steps as f64);
-                    }
-                }
+        let (ms, host_ms) = median_per_step(args.repeats, args.steps, || {
+            timed_run(&mut decoder, position, args.steps, |d| {
+                d.enqueue_step(false)
+            })
+        })?;
+        let graph_ms = match &graph {
+            Some(g) => {
+                median_per_step(args.repeats, graph_launches * GRAPH_STEPS, || {
+                    timed_run(&mut decoder, position, graph_launches, |_| Ok(g.launch()?))
+                })?
+                .0
             }
-        }
-        let ms = median(&mut times);
-        let graph_ms = if graph_times.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut graph_times)
+            None => f64::NAN,
         };
         // The average position of the timed steps sets the KV bytes read.
         let mid = position + args.steps / 2;
@@ -94,36 +64,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             position,
             ms,
             graph_ms,
-            median(&mut host_ms),
+            host_ms,
             floor_ms,
             decoder.bytes_per_step(mid),
         ));
     }
 
     // Each kernel alone at position 0, for where-the-time-goes.
-    let phase = |decoder: &mut GpuDecoder, decode: bool| -> Result<f64> {
-        let mut times = Vec::new();
-        for repeat in 0..=args.repeats {
-            decoder.reset(&[START_TOKEN], 0, 0, None)?;
-            let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
-            start.record(&decoder.stream)?;
-            for _ in 0..args.steps {
-                if decode {
-                    decoder.enqueue_decode()?;
-                } else {
-                    decoder.enqueue_lm_head(false)?;
-                }
-            }
-            end.record(&decoder.stream)?;
-            decoder.wait(&end)?;
-            if repeat > 0 {
-                times.push(start.elapsed_ms(&end)? as f64 / args.steps as f64);
-            }
-        }
-        Ok(median(&mut times))
-    };
-    let decode_ms = phase(&mut decoder, true)?;
-    let lm_head_ms = phase(&mut decoder, false)?;
+    let (decode_ms, _) = median_per_step(args.repeats, args.steps, || {
+        timed_run(&mut decoder, 0, args.steps, GpuDecoder::enqueue_decode)
+    })?;
+    let (lm_head_ms, _) = median_per_step(args.repeats, args.steps, || {
+        timed_run(&mut decoder, 0, args.steps, |d| d.enqueue_lm_head(false))
+    })?;
     let mut profiles = Vec::new();
     if args.profile {
         for &position in &args.positions {
@@ -200,4 +153,42 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One timed run from `position`: `launches` calls of `enqueue`, between two
+/// CUDA events. Returns (GPU ms, host ms spent enqueueing) for the whole run.
+fn timed_run(
+    decoder: &mut GpuDecoder,
+    position: usize,
+    launches: usize,
+    mut enqueue: impl FnMut(&GpuDecoder) -> Result<()>,
+) -> Result<(f64, f64)> {
+    decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
+    let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
+    let host_start = std::time::Instant::now();
+    start.record(&decoder.stream)?;
+    for _ in 0..launches {
+        enqueue(decoder)?;
+    }
+    end.record(&decoder.stream)?;
+    let host_ms = host_start.elapsed().as_secs_f64() * 1e3;
+    decoder.wait(&end)?;
+    Ok((start.elapsed_ms(&end)? as f64, host_ms))
+}
+
+/// Medians over `repeats` runs (after one warm-up run) of (GPU ms, host ms)
+/// per step, for runs of `steps` steps each.
+fn median_per_step(
+    repeats: usize,
+    steps: usize,
+    mut run: impl FnMut() -> Result<(f64, f64)>,
+) -> Result<(f64, f64)> {
+    run()?; // warm-up
+    let (mut gpu, mut host) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (g, h) = run()?;
+        gpu.push(g / steps as f64);
+        host.push(h / steps as f64);
+    }
+    Ok((median(&mut gpu), median(&mut host)))
 }
