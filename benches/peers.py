@@ -29,8 +29,19 @@ most of it torch.compile. hf-eager is host-bound: its number moves by 30%
 between runs and machines. A peer that fails prints its error in its row;
 the others still run.
 
+--prefill-lengths P1,P2,... runs ONLY a prefill (time-to-first-token)
+measurement instead of the decode peers: transformers, attn_implementation=
+"sdpa", bf16, CUDA. For each P, random prompt ids (fixed seed, [0, vocab)) of
+shape [1, P] already on the GPU; one CUDA-event-timed
+`model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)`, i.e.
+prompt ids on the GPU to the first token id on the GPU. 2 warm-up runs, then
+the median of max(--repeats, 5). Prints `hf-sdpa-prefill P=<P> median_ms=<x>
+min_ms=<y>` per length; a length that runs out of memory prints so and the
+others still run.
+
 Usage: python3 benches/peers.py --model DIR [--tokens 128] [--prompt-len 16] [--json OUT]
        [--repeats 3] [--only hf-eager,hf-static-graph,mini-graph,mini-eager] [--check 8]
+       python3 benches/peers.py --model DIR --prefill-lengths 1024,8192 [--repeats 5] [--json OUT]
 """
 
 import argparse
@@ -100,6 +111,22 @@ def free_gpu():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def write_json(path, doc):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    log(f"wrote {path}")
+
+
+def versions():
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
 
 
 def load_state_dict(model_dir, device):
@@ -276,6 +303,93 @@ def peer_hf_static(args, pids):
             errors.append(f"{type(e).__name__}: {str(e)[:200]}")
             log(f"  hf-static-graph variant failed: {errors[-1]}")
     raise RuntimeError("; ".join(errors))
+
+
+# --------------------------------------------------------------------------
+# Prefill (time to first token): transformers, SDPA, bf16
+# --------------------------------------------------------------------------
+
+PREFILL_SEED = 1234
+
+
+def run_prefill(args):
+    """Time prompt ids on the GPU -> first token id on the GPU, per length."""
+    import inspect
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).to("cuda").eval()
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else (
+        {"num_logits_to_keep": 1} if "num_logits_to_keep" in params else {})
+    vocab = model.config.vocab_size
+    repeats = max(args.repeats, 5)
+    log(f"prefill: attn_implementation={model.config._attn_implementation}, vocab {vocab}, "
+        f"kwargs {keep or 'none (full logits)'}; 2 warm-up runs, median of {repeats}")
+
+    def first_token(inp):
+        return model(inp, use_cache=True, **keep).logits[:, -1].argmax(-1)
+
+    rows = []
+    for P in args.prefill_lengths:
+        row = {"peer": "transformers-sdpa-bf16", "prompt_tokens": P}
+        try:
+            g = torch.Generator().manual_seed(PREFILL_SEED)
+            inp = torch.randint(0, vocab, (1, P), generator=g, dtype=torch.long).to("cuda")
+            with torch.inference_mode():
+                for _ in range(2):
+                    cuda_time_ms(lambda: first_token(inp))
+                runs = []
+                for _ in range(repeats):
+                    ms, tok = cuda_time_ms(lambda: first_token(inp))
+                    runs.append(ms)
+            row.update({"median_ms": statistics.median(runs), "min_ms": min(runs), "runs_ms": runs,
+                        "first_id": int(tok), "error": None})
+            log(f"hf-sdpa-prefill P={P} median_ms={row['median_ms']:.3f} min_ms={row['min_ms']:.3f}")
+        except torch.cuda.OutOfMemoryError as e:
+            row.update({"median_ms": None, "min_ms": None, "runs_ms": [], "error": f"OOM: {str(e)[:300]}"})
+            log(f"hf-sdpa-prefill P={P} out of GPU memory, skipped")
+        except Exception as e:
+            traceback.print_exc()
+            row.update({"median_ms": None, "min_ms": None, "runs_ms": [],
+                        "error": f"{type(e).__name__}: {e}"[:500]})
+            log(f"hf-sdpa-prefill P={P} FAILED: {row['error']}")
+        rows.append(row)
+        inp = tok = None
+        free_gpu()
+    del model
+    free_gpu()
+    return rows, repeats
+
+
+def prefill_main(a):
+    import torch
+
+    t_start = time.time()
+    gpu = torch.cuda.get_device_name()
+    v = versions()
+    log(f"peers (prefill): {a.model} on {gpu}; torch {v['torch']}, transformers {v['transformers']}")
+    rows, repeats = run_prefill(a)
+    log(f"total {time.time() - t_start:.1f} s")
+    if a.json:
+        write_json(a.json, {
+            "format": "qwen-mk-peers/1",
+            "made_by": "benches/peers.py",
+            "gpu": gpu,
+            "versions": v,
+            "model": a.model,
+            "dtype": "bfloat16",
+            "batch": 1,
+            "repeats": repeats,
+            "seed": PREFILL_SEED,
+            "method": ("prefill (time to first token): random prompt ids [1, P] on the GPU -> "
+                       "model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1); "
+                       "CUDA events, 2 warm-up runs, median of repeats, torch.inference_mode"),
+            "prefill": rows,
+        })
+    return 0 if any(r["error"] is None for r in rows) else 1
 
 
 # --------------------------------------------------------------------------
@@ -493,7 +607,17 @@ def main(argv):
     ap.add_argument("--only", help="comma-separated peer names to run (default: all)")
     ap.add_argument("--check", type=int, default=8, help="leading greedy ids compared across peers (default 8)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--prefill-lengths", metavar="P1,P2,...",
+                    help="run ONLY the transformers-sdpa prefill (time-to-first-token) measurement "
+                         "at these prompt lengths, e.g. 1024,8192")
     a = ap.parse_args(argv)
+    if a.prefill_lengths is not None:
+        try:
+            a.prefill_lengths = [int(s) for s in a.prefill_lengths.split(",") if s.strip()]
+        except ValueError:
+            ap.error(f"--prefill-lengths must be comma-separated integers, got {a.prefill_lengths!r}")
+        if not a.prefill_lengths or min(a.prefill_lengths) < 1:
+            ap.error("--prefill-lengths needs at least one length, each >= 1")
     if a.tokens < 2 or a.prompt_len < 1 or a.repeats < 1:
         ap.error("need --tokens >= 2, --prompt-len >= 1, --repeats >= 1")
     names = [n for n, _ in PEERS]
@@ -510,6 +634,8 @@ def main(argv):
     if not torch.cuda.is_available():
         print("peers: error: CUDA is not available", file=sys.stderr)
         return 1
+    if a.prefill_lengths is not None:
+        return prefill_main(a)
     t_start = time.time()
     pids, pid_src = prompt_ids(a.model, a.prompt_len)
     gpu = torch.cuda.get_device_name()
@@ -576,8 +702,7 @@ def main(argv):
             "format": "qwen-mk-peers/1",
             "made_by": "benches/peers.py",
             "gpu": gpu,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
+            "versions": versions(),
             "model": a.model,
             "dtype": "bfloat16",
             "batch": 1,
@@ -590,11 +715,7 @@ def main(argv):
             "peers": rows,
             "agreement": agreement,
         }
-        d = os.path.dirname(os.path.abspath(a.json))
-        os.makedirs(d, exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=1)
-        log(f"wrote {a.json}")
+        write_json(a.json, doc)
     return 0 if any(r["error"] is None for r in rows) else 1
 
 

@@ -80,6 +80,12 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
     return acc;
 }
 
+// Two floats rounded to bf16 and packed, the first in the low half.
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const unsigned int*>(&v);
+}
+
 __device__ __forceinline__ void unpack8(uint4 w, float out[8]) {
     out[0] = bf16_lo(w.x); out[1] = bf16_hi(w.x);
     out[2] = bf16_lo(w.y); out[3] = bf16_hi(w.y);
@@ -138,6 +144,29 @@ __device__ __forceinline__ void rms_norm_to_shared(const float* x_f32, const bf1
     const float inv_rms = rsqrtf(block_sum<THREADS>(ss, scratch) / N + eps);
     for (int i = threadIdx.x; i < N; i += THREADS) out[i] = out[i] * inv_rms * bf16_to_f32(weight[i]);
     __syncthreads();
+}
+
+// ---- q/k norm and RoPE ---------------------------------------------------------
+
+// RMSNorm over one head (a warp's 4 values a lane: dims lane + 32 i), then
+// RoPE in the rotate-half form: dim d pairs with d + 64.
+__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
+                                               float pos, float eps) {
+    const int lane = threadIdx.x % WARP;
+    const float ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
+    const float inv_rms = rsqrtf(ss / HEAD_DIM + eps);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * bf16_to_f32(norm_weight[lane + 32 * i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        // Same f32 product as transformers: position times inverse frequency.
+        const float angle = pos * inv_freq[lane + 32 * i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        const float lo = v[i], hi = v[i + 2];
+        v[i] = lo * c - hi * s;
+        v[i + 2] = hi * c + lo * s;
+    }
 }
 
 // ---- argmax ------------------------------------------------------------------

@@ -270,27 +270,6 @@ __device__ __forceinline__ void load_vec_to_shared(const float* src, float* dst)
 
 // ---- phase B: attention --------------------------------------------------------
 
-// RMSNorm over one head (a warp's 4 values a lane: dims lane + 32 i), then
-// RoPE in the rotate-half form: dim d pairs with d + 64.
-__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
-                                               float pos, float eps) {
-    const int lane = threadIdx.x % WARP;
-    const float ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
-    const float inv_rms = rsqrtf(ss / HEAD_DIM + eps);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * bf16_to_f32(norm_weight[lane + 32 * i]);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        // Same f32 product as transformers: position times inverse frequency.
-        const float angle = pos * inv_freq[lane + 32 * i];
-        float s, c;
-        sincosf(angle, &s, &c);
-        const float lo = v[i], hi = v[i + 2];
-        v[i] = lo * c - hi * s;
-        v[i + 2] = hi * c + lo * s;
-    }
-}
-
 // Scores, softmax and P.V for positions [begin, end) of one KV head and its
 // two query heads; leaves the unnormalised output, its max and sum in the
 // partials buffer for the merge.

@@ -395,6 +395,8 @@ def main(argv):
     tok = AutoTokenizer.from_pretrained(a.model)
     if a.prompt_ids_len is not None:
         prompt, prompt_ids = long_prompt_ids(tok, a.prompt_ids_len)
+        if len(prompt_ids) != a.prompt_ids_len:
+            raise RefError(f"long prompt has {len(prompt_ids)} tokens, expected {a.prompt_ids_len}")
     else:
         prompt = a.prompt if a.prompt is not None else DEFAULT_PROMPT
         prompt_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])

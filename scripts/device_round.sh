@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long parity parity-long generate heads bench bench-max variants peers
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-prefill generate heads bench bench-max variants peers peers-prefill
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -14,6 +14,12 @@ M06=models/synth-0.6b
 TINY=models/synth-tiny
 mkdir -p "$OUT" models
 export PYTHONUNBUFFERED=1
+# cuBLAS (batched prefill) comes with the device's PyTorch wheels.
+cublas=$(python3 -c 'import glob, site; print(*[h for p in site.getsitepackages() for h in sorted(glob.glob(p + "/nvidia/*/lib/libcublas.so.*"))][:1])')
+[ -n "$cublas" ] && export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "cuBLAS: ${cublas:-not found}"
+# Prompt lengths of the prefill parity checks: none a multiple of a tile.
+PREFILL_LENGTHS=(1 7 129 1000 4097)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(synth smoke ref-tiny ref parity generate bench)
 
@@ -47,10 +53,27 @@ for step in "${steps[@]}"; do
         run ref 400 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens.json" --steps 128 ;;
     ref-long)
         run ref-long 500 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens-long.json" --steps 128 --prompt-ids-len 4100 ;;
+    ref-prefill)
+        # References at prompt lengths that are no multiple of any tile (16 steps each).
+        mkdir -p "$OUT/prefill-refs"
+        for n in "${PREFILL_LENGTHS[@]}"; do
+            run "ref-prefill-$n" 300 python3 reference/make_reference.py --model $M06 \
+                --out "$OUT/prefill-refs/tokens-prefill-$n.json" --steps 16 --prompt-ids-len "$n"
+        done
+        PREFILL_REFS="$OUT/prefill-refs" ;;  # parity-prefill uses these
     parity)
-        run parity 300 "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06 --json "$OUT/parity.json" ;;
+        run parity 300 "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06 --json "$OUT/parity.json"
+        run parity-token-by-token 300 "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06 --token-by-token ;;
     parity-long)
-        run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json" ;;
+        run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json"
+        run parity-long-token-by-token 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --token-by-token ;;
+    parity-prefill)
+        # Batched prefill and the token-by-token path on every prefill reference.
+        for n in "${PREFILL_LENGTHS[@]}"; do
+            ref=${PREFILL_REFS:-reference}/tokens-prefill-$n.json
+            run "parity-prefill-$n" 200 "$BIN" parity --ref "$ref" --model $M06
+            run "parity-prefill-$n-token-by-token" 200 "$BIN" parity --ref "$ref" --model $M06 --token-by-token
+        done ;;
     generate)
         # Streams on the GPU; greedy ids must equal the float32 truth's up to its first near-tie.
         ref=${REF:-reference/tokens.json}
@@ -83,7 +106,15 @@ for step in "${steps[@]}"; do
         run bench-main 120 "$BIN" bench --model $M06 --positions 0,4096 ;;
     peers)
         run peers 400 python3 benches/peers.py --model $M06 --json "$OUT/peers.json" ;;
+    peers-prefill)
+        # transformers (sdpa, bf16) time to first token, beside qwen-mk's.
+        run peers-prefill 300 python3 benches/peers.py --model $M06 --prefill-lengths 1024,4096,8192 --json "$OUT/peers-prefill.json"
+        run bench-prefill 200 "$BIN" bench --model $M06 --positions 0 --steps 16 --repeats 5 --prefill-lengths 1,7,129,1000,1024,4096,4097,8192 ;;
     *) echo "unknown step $step" ;;
     esac
 done
+# The device tool returns few files: the new references go back as one archive.
+if [ -d "$OUT/prefill-refs" ]; then
+    tar -C "$OUT" -czf "$OUT/prefill-refs.tgz" prefill-refs && rm -rf "$OUT/prefill-refs"
+fi
 printf '%s\n' "${summary[@]}" | tee -a "$OUT/round.log"

@@ -25,10 +25,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let dir = model_source::resolve(&args.model.model)?;
     let checkpoint = Checkpoint::open(&dir)?;
     let max_position = *args.positions.iter().max().unwrap_or(&0);
-    let context = max_position + args.steps + 1;
+    let prefill_lengths: Vec<usize> = args
+        .prefill_lengths
+        .iter()
+        .copied()
+        .filter(|&n| n > 0)
+        .collect();
+    let longest_prompt = prefill_lengths.iter().copied().max().unwrap_or(0);
+    let context = (max_position + args.steps + 1).max(longest_prompt + 1);
     if context > checkpoint.config.max_position_embeddings {
         bail!(
-            "position {max_position} plus {} steps exceeds the model's context of {}",
+            "position {max_position} plus {} steps, or a prompt of {longest_prompt}, exceeds the model's context of {}",
             args.steps,
             checkpoint.config.max_position_embeddings
         );
@@ -77,6 +84,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (lm_head_ms, _) = median_per_step(args.repeats, args.steps, || {
         timed_run(&mut decoder, 0, args.steps, |d| d.enqueue_lm_head(false))
     })?;
+    let prefill_rows = time_prefill(&mut decoder, &prefill_lengths, args.repeats)?;
     let mut profiles = Vec::new();
     if args.profile {
         for &position in &args.positions {
@@ -98,6 +106,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "position": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
                 "graph_ms_per_token": graph_ms, "host_enqueue_ms_per_token": host_ms,
                 "bytes_per_step": bytes, "floor_ms": floor, "percent_of_floor": 100.0 * floor / ms,
+            })).collect::<Vec<_>>(),
+            "prefill": prefill_rows.iter().map(|(n, ms)| json!({
+                "prompt_tokens": n, "ms_to_first_token": ms, "prompt_tokens_per_s": *n as f64 / ms * 1e3,
+                "tflop_per_s": prefill_flops(*n, decoder.vocab) / ms * 1e-9,
             })).collect::<Vec<_>>(),
             "decode_kernel_ms": decode_ms,
             "lm_head_kernel_ms": lm_head_ms,
@@ -132,6 +144,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!(
         "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (position 0)"
     );
+    if !prefill_rows.is_empty() {
+        println!(
+            "time to first token (prompt ids on the GPU -> batched prefill -> LM head -> token):"
+        );
+        println!(
+            "{:>14} {:>10} {:>14} {:>9}",
+            "prompt tokens", "ms", "prompt tok/s", "TFLOP/s"
+        );
+        for (n, ms) in &prefill_rows {
+            println!(
+                "{n:>14} {ms:>10.3} {:>14.0} {:>9.1}",
+                *n as f64 / ms * 1e3,
+                prefill_flops(*n, decoder.vocab) / ms * 1e-9
+            );
+        }
+    }
     if !profiles.is_empty() {
         println!(
             "decode kernel phases, us per layer (each includes its barrier; block 0's clock):"
@@ -153,6 +181,55 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Median time to first token (ms) for each prompt length: prompt ids on
+/// the GPU, then batched prefill and the LM head, between CUDA events.
+fn time_prefill(
+    decoder: &mut GpuDecoder,
+    lengths: &[usize],
+    repeats: usize,
+) -> Result<Vec<(usize, f64)>> {
+    if lengths.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(why) = decoder.prefill_unavailable() {
+        eprintln!("note: prefill not timed: {why}");
+        return Ok(Vec::new());
+    }
+    let mut rows = Vec::new();
+    for &n in lengths {
+        // Any valid ids do; these vary so no row is special.
+        let prompt: Vec<u32> = (0..n as u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) % decoder.vocab as u32)
+            .collect();
+        let (ms, _) = median_per_step(repeats, 1, || {
+            decoder.reset(&prompt, n, n - 1, None)?;
+            let (start, end) = (decoder.new_timing_event()?, decoder.new_timing_event()?);
+            start.record(&decoder.stream)?;
+            decoder.enqueue_prefill(0, n)?;
+            decoder.enqueue_lm_head(false)?;
+            end.record(&decoder.stream)?;
+            decoder.wait(&end)?;
+            Ok((start.elapsed_ms(&end)? as f64, 0.0))
+        })?;
+        rows.push((n, ms));
+    }
+    Ok(rows)
+}
+
+/// Floating-point operations of a prefill of `n` positions: the layer
+/// projections, causal attention (scores and P.V over n(n+1)/2 pairs per
+/// head) and the LM head for the last position.
+fn prefill_flops(n: usize, vocab: usize) -> f64 {
+    use crate::kernel_dims::{
+        HEAD_DIM, HIDDEN, INTERMEDIATE, NUM_LAYERS, NUM_Q_HEADS, QKV_ROWS, Q_DIM,
+    };
+    let layer_params = HIDDEN * QKV_ROWS + Q_DIM * HIDDEN + 3 * HIDDEN * INTERMEDIATE;
+    let pairs = (n * (n + 1) / 2) as f64;
+    let projections = 2.0 * (layer_params * NUM_LAYERS * n) as f64;
+    let attention = 4.0 * (HEAD_DIM * NUM_Q_HEADS * NUM_LAYERS) as f64 * pairs;
+    projections + attention + 2.0 * (HIDDEN * vocab) as f64
 }
 
 /// One timed run from `position`: `launches` calls of `enqueue`, between two

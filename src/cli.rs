@@ -74,6 +74,10 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Feed the prompt through the decode kernel one token at a time instead
+    /// of batched prefill (for comparison).
+    #[arg(long)]
+    pub token_by_token: bool,
 }
 
 #[derive(Args)]
@@ -95,6 +99,9 @@ pub struct BenchArgs {
     /// Also time each phase of the decode kernel (in-kernel timestamps).
     #[arg(long)]
     pub profile: bool,
+    /// Prompt lengths to time batched prefill at (time to first token); 0 skips it.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024usize, 4096, 8192])]
+    pub prefill_lengths: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -110,6 +117,10 @@ pub struct ParityArgs {
     /// Also write the comparison as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Feed the prompt through the decode kernel one token at a time instead
+    /// of batched prefill.
+    #[arg(long)]
+    pub token_by_token: bool,
 }
 
 #[derive(Args)]

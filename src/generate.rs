@@ -72,8 +72,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let context = prompt_ids.len() + args.max_new_tokens;
             let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
             let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+            let batched = !args.token_by_token && prefill_available(&decoder);
             let (first, rest) =
-                decoder.generate(&prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
+                decoder.generate(&prompt_ids, args.max_new_tokens, &eos, batched, &mut emit)?;
             (decoder.device.name.clone(), load_ms, first, rest)
         }
         DeviceKind::Cpu => {
@@ -113,12 +114,28 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         println!();
         eprintln!(
-            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens, one at a time), then {tokens_per_s:.1} tok/s on {device_name}]",
+            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens{}), then {tokens_per_s:.1} tok/s on {device_name}]",
             generated.len(),
-            prompt_ids.len()
+            prompt_ids.len(),
+            match args.device {
+                DeviceKind::Cuda if args.token_by_token => ", one at a time",
+                _ => "",
+            }
         );
     }
     Ok(())
+}
+
+/// Whether batched prefill can run; when it cannot, says why on stderr (the
+/// prompt then goes through the decode kernel one token at a time).
+fn prefill_available(decoder: &GpuDecoder) -> bool {
+    match decoder.prefill_unavailable() {
+        None => true,
+        Some(why) => {
+            eprintln!("note: {why}; the prompt goes one token at a time");
+            false
+        }
+    }
 }
 
 /// Greedy decoding on the CPU reference; returns the same timings as the

@@ -55,6 +55,20 @@ pub const ATTN_MAX_CHUNK: usize = 2048;
 /// 99 KB per block.
 pub const STAGE_BYTES: usize = 48 * 1024;
 
+/// Prompt positions one batched-prefill pass holds: longer prompts go in
+/// chunks of this many, which bounds prefill's activation memory (about
+/// 60 KB per position).
+pub const PREFILL_CHUNK: usize = 4096;
+/// Threads per row of prefill's row-wise kernels (8 elements of HIDDEN each).
+pub const PREFILL_ROW_THREADS: usize = HIDDEN / 8;
+/// Prefill attention: query positions per block (both query heads of a KV
+/// head), keys per shared-memory tile, threads per block.
+pub const PREFILL_ATTN_QUERIES: usize = 64;
+pub const PREFILL_ATTN_KEYS: usize = 64;
+pub const PREFILL_ATTN_THREADS: usize = 256;
+/// Its dynamic shared memory: K and V tiles, double-buffered.
+pub const PREFILL_ATTN_SMEM_BYTES: usize = 2 * 2 * PREFILL_ATTN_KEYS * HEAD_DIM * 2;
+
 /// The macros nvcc receives, in `-DNAME=VALUE` form.
 pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_HIDDEN", HIDDEN),
@@ -67,6 +81,11 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_LM_HEAD_THREADS", LM_HEAD_THREADS),
     ("QMK_ATTN_MAX_CHUNK", ATTN_MAX_CHUNK),
     ("QMK_STAGE_BYTES", STAGE_BYTES),
+    ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
+    ("QMK_PREFILL_ATTN_QUERIES", PREFILL_ATTN_QUERIES),
+    ("QMK_PREFILL_ATTN_KEYS", PREFILL_ATTN_KEYS),
+    ("QMK_PREFILL_ATTN_THREADS", PREFILL_ATTN_THREADS),
+    ("QMK_PREFILL_ATTN_SMEM_BYTES", PREFILL_ATTN_SMEM_BYTES),
     ("QMK_OFF_INPUT_NORM", layer_layout::INPUT_NORM),
     ("QMK_OFF_POST_ATTN_NORM", layer_layout::POST_ATTN_NORM),
     ("QMK_OFF_Q_NORM", layer_layout::Q_NORM),

@@ -139,19 +139,44 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         prompt.len()
     );
 
+    if !args.token_by_token {
+        if let Some(why) = decoder.prefill_unavailable() {
+            bail!("batched prefill cannot run: {why} (or pass --token-by-token)");
+        }
+    }
+    let batched = !args.token_by_token;
+    println!(
+        "prompt path: {}",
+        if batched {
+            "batched prefill"
+        } else {
+            "decode kernel, one token at a time"
+        }
+    );
+
     // Teacher-forced on the truth's sequence.
     let sequence: Vec<u32> = prompt.iter().chain(&truth.ids).copied().collect();
-    decoder.reset(&sequence, sequence.len(), 0, None)?;
-    for step in 0..prompt.len() - 1 {
-        decoder.enqueue_step(false)?;
-        if step % 256 == 255 {
-            decoder.synchronize()?; // keeps every watchdog wait short
+    let first = prompt.len() - 1;
+    if batched {
+        decoder.reset(&sequence, sequence.len(), first, None)?;
+        decoder.enqueue_prefill(0, prompt.len())?;
+    } else {
+        decoder.reset(&sequence, sequence.len(), 0, None)?;
+        for step in 0..first {
+            decoder.enqueue_step(false)?;
+            if step % 256 == 255 {
+                decoder.synchronize()?; // keeps every watchdog wait short
+            }
         }
     }
     let mut our_errors = Vec::with_capacity(steps);
     let mut our_top1 = Vec::with_capacity(steps);
     for step in 0..steps {
-        decoder.enqueue_step(true)?;
+        if batched && step == 0 {
+            decoder.enqueue_lm_head(true)?; // the prefill left the last position's residual
+        } else {
+            decoder.enqueue_step(true)?;
+        }
         let logits = decoder.logits()?;
         let ours = logprobs_at(&logits, &truth.top_ids[step]);
         our_errors.extend(
@@ -161,7 +186,6 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         );
         our_top1.push(argmax(&logits) as u32);
     }
-    let first = prompt.len() - 1;
     let kernel_top1 = decoder.predicted(first..first + steps)?;
     if kernel_top1 != our_top1 {
         let step = kernel_top1
@@ -186,7 +210,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
 
     // Free-running greedy from the prompt, compared up to the first near-tie.
     let mut free = Vec::with_capacity(steps);
-    decoder.generate(prompt, steps, &[], |t| {
+    decoder.generate(prompt, steps, &[], batched, |t| {
         free.push(t);
         Ok(())
     })?;
@@ -243,6 +267,8 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         let report = json!({
             "reference": args.reference.display().to_string(),
             "device": decoder.device.name,
+            "prompt_path": if batched { "batched-prefill" } else { "token-by-token" },
+            "prompt_tokens": prompt.len(),
             "pass": pass,
             "qwen_mk": {"mean_abs_err": our_mean, "max_abs_err": our_max, "top1": our_top1, "free_running": free},
             "peer": {"mean_abs_err": peer_mean, "max_abs_err": peer_max},

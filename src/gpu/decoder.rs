@@ -16,15 +16,17 @@ use cudarc::driver::{
 };
 
 mod measure;
+mod prefill;
 
 pub use measure::median;
+use prefill::Prefill;
 
 use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
     ATTN_MAX_CHUNK, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS, NUM_KV_HEADS,
-    NUM_LAYERS, NUM_Q_HEADS, QKV_ROWS, Q_DIM, STAGE_BYTES,
+    NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM, STAGE_BYTES,
 };
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
@@ -132,7 +134,11 @@ pub struct GpuDecoder {
     k_cache: CudaSlice<u16>,
     v_cache: CudaSlice<u16>,
     /// Held only to keep the device memory the parameter structs point at.
-    _buffers: (GpuWeights, CudaSlice<f32>, CudaSlice<f32>, CudaSlice<u64>),
+    _buffers: (GpuWeights, CudaSlice<f32>, CudaSlice<u64>),
+    /// x | qkv | attn | mlp of the decode kernel; x is what the LM head reads.
+    activations: CudaSlice<f32>,
+    /// Batched prefill, or why it cannot run on this machine.
+    prefill: std::result::Result<Prefill, String>,
     /// Attention merge counters, grid barrier count, LM-head blocks done.
     counters: CudaSlice<u32>,
     state: CudaSlice<u32>,
@@ -174,12 +180,13 @@ impl GpuDecoder {
         let weight_bytes = 2
             * (NUM_LAYERS * crate::kernel_dims::layer_layout::STRIDE
                 + (1 + usize::from(!config.tie_word_embeddings)) * config.vocab_size * HIDDEN);
-        if weight_bytes + kv_bytes + (64 << 20) > free {
+        let prefill_bytes = prefill::buffer_bytes(context.min(PREFILL_CHUNK));
+        if weight_bytes + kv_bytes + prefill_bytes + (64 << 20) > free {
             bail!(
                 "{} has {:.1} GB free, but the weights and a KV cache of {context} positions need {:.1} GB; use a shorter context",
                 device.name,
                 free as f64 / 1e9,
-                (weight_bytes + kv_bytes) as f64 / 1e9
+                (weight_bytes + kv_bytes + prefill_bytes) as f64 / 1e9
             );
         }
 
@@ -203,6 +210,10 @@ impl GpuDecoder {
             );
         }
         let decode_blocks = device.sm_count;
+        device.prefill.attention.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            PREFILL_ATTN_SMEM_BYTES as i32,
+        )?;
         let lm_per_sm = device
             .lm_head
             .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
@@ -281,6 +292,10 @@ impl GpuDecoder {
             context: context as u32,
             eps,
         };
+        let prefill = match prefill::unavailable_reason() {
+            Some(why) => Err(why),
+            None => Ok(Prefill::new(&stream, context)?),
+        };
         stream.synchronize()?;
         Ok(Self {
             device,
@@ -291,7 +306,9 @@ impl GpuDecoder {
             lm_head_blocks,
             k_cache,
             v_cache,
-            _buffers: (weights, activations, attn_partials, block_best),
+            _buffers: (weights, attn_partials, block_best),
+            activations,
+            prefill,
             counters,
             state,
             tokens,
@@ -433,15 +450,22 @@ impl GpuDecoder {
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
     }
 
-    /// Greedy decoding: runs the prompt through the decode kernel one token
-    /// at a time, then generates until an EOS id or `max_new` tokens,
-    /// calling `on_token` for each generated token as soon as the GPU has it.
-    /// Returns (time to first token, time of the rest) in ms.
+    /// Whether batched prefill can run, or why not.
+    pub fn prefill_unavailable(&self) -> Option<&str> {
+        self.prefill.as_ref().err().map(String::as_str)
+    }
+
+    /// Greedy decoding: the prompt goes through batched prefill (or, with
+    /// `batched` false, through the decode kernel one token at a time), then
+    /// tokens are generated until an EOS id or `max_new` tokens, calling
+    /// `on_token` for each as soon as the GPU has it. Returns (time to first
+    /// token, time of the rest) in ms.
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_new: usize,
         eos: &[u32],
+        batched: bool,
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(f64, f64)> {
         if prompt.is_empty() || max_new == 0 {
@@ -456,7 +480,9 @@ impl GpuDecoder {
                 self.context
             );
         }
-        self.reset(prompt, prompt.len(), 0, Some(eos))?;
+        let first_output = prompt.len() - 1;
+        let start_pos = if batched { first_output } else { 0 };
+        self.reset(prompt, prompt.len(), start_pos, Some(eos))?;
         let events: Vec<CudaEvent> = (0..LOOKAHEAD + 1)
             .map(|_| {
                 self.device
@@ -470,15 +496,24 @@ impl GpuDecoder {
         // never runs dry, and no wait covers more than a few steps, so the
         // watchdog cannot mistake a long prompt for a hang.
         let mut pending: VecDeque<(usize, usize)> = VecDeque::new(); // (position, event index)
-        let first_output = prompt.len() - 1;
-        let mut launched = 0;
+        let mut recorded = 0; // events recorded so far; the next uses slot recorded % len
+        let mut launched = 0; // positions whose step is queued
+        if batched {
+            self.enqueue_prefill(0, prompt.len())?;
+            self.enqueue_lm_head(false)?;
+            events[0].record(&self.stream)?;
+            pending.push_back((first_output, 0));
+            recorded = 1;
+            launched = prompt.len();
+        }
         let mut produced = 0;
         while produced < max_new {
             while launched < total_steps && pending.len() < LOOKAHEAD {
                 self.enqueue_step(false)?;
-                let slot = launched % events.len();
+                let slot = recorded % events.len();
                 events[slot].record(&self.stream)?;
                 pending.push_back((launched, slot));
+                recorded += 1;
                 launched += 1;
             }
             let Some((pos, slot)) = pending.pop_front() else {

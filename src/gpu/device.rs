@@ -22,6 +22,16 @@ pub struct Device {
     pub lm_head: CudaFunction,
     pub fill_random_bf16: CudaFunction,
     pub read_bandwidth: CudaFunction,
+    pub prefill: PrefillKernels,
+}
+
+/// The kernels of batched prefill (kernels/prefill.cu, prefill_attention.cu).
+pub struct PrefillKernels {
+    pub embed: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub qk_norm_rope: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub attention: CudaFunction,
 }
 
 impl Device {
@@ -73,12 +83,28 @@ impl Device {
         let decode_module = load(embedded::DECODE_MEGAKERNEL)?;
         let lm_head_module = load(embedded::LM_HEAD)?;
         let bench_module = load(embedded::BENCH_KERNELS)?;
+        let prefill_module = load(embedded::PREFILL)?;
+        let attention_module = load(embedded::PREFILL_ATTENTION)?;
+        let prefill = PrefillKernels {
+            embed: prefill_module.load_function("prefill_embed")?,
+            rms_norm: prefill_module.load_function("prefill_rms_norm")?,
+            qk_norm_rope: prefill_module.load_function("prefill_qk_norm_rope")?,
+            silu_mul: prefill_module.load_function("prefill_silu_mul")?,
+            attention: attention_module.load_function("prefill_attention")?,
+        };
         Ok(Self {
             decode_step: decode_module.load_function("decode_step")?,
             lm_head: lm_head_module.load_function("lm_head")?,
             fill_random_bf16: bench_module.load_function("fill_random_bf16")?,
             read_bandwidth: bench_module.load_function("read_bandwidth")?,
-            _modules: vec![decode_module, lm_head_module, bench_module],
+            prefill,
+            _modules: vec![
+                decode_module,
+                lm_head_module,
+                bench_module,
+                prefill_module,
+                attention_module,
+            ],
             ctx,
             name,
             sm_count,

@@ -1,0 +1,282 @@
+//! Batched prefill: a run of prompt positions goes through all 28 layers at
+//! once, so the projections are matrix products on the tensor cores (cuBLAS)
+//! instead of one GEMV per token. Per layer, for a chunk of `rows` positions:
+//!
+//!   RMSNorm -> QKV GEMM (f32 out) -> q/k norm, RoPE, K/V into the cache
+//!   -> causal flash attention -> O GEMM added onto the residual
+//!   -> RMSNorm -> gate|up GEMM (f32 out) -> SiLU * up -> down GEMM added
+//!   onto the residual.
+//!
+//! The residual stream stays in f32 (as in the decode kernel); GEMM inputs
+//! are bf16. The residual of the last position is copied to where the LM
+//! head reads it, so the next launch is the ordinary LM head and decoding
+//! continues from the cache the prefill wrote.
+
+use std::ffi::c_void;
+
+use anyhow::{Context, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{ptr, GpuDecoder};
+use crate::kernel_dims::{
+    layer_layout as lay, HEAD_DIM, HIDDEN, INTERMEDIATE, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS,
+    PREFILL_ATTN_QUERIES, PREFILL_ATTN_SMEM_BYTES, PREFILL_ATTN_THREADS, PREFILL_CHUNK,
+    PREFILL_ROW_THREADS, QKV_ROWS, Q_DIM,
+};
+
+/// Warps per block of prefill_qk_norm_rope (one per head).
+const HEADS_PER_BLOCK: usize = 8;
+
+/// Mirrors `PrefillAttentionParams` in kernels/prefill_attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PrefillAttentionParams {
+    q: u64,
+    k_cache: u64,
+    v_cache: u64,
+    out: u64,
+    rows: u32,
+    start_pos: u32,
+    context: u32,
+}
+unsafe impl DeviceRepr for PrefillAttentionParams {}
+
+/// A row-major bf16 weight matrix inside a packed layer (out x in features).
+#[derive(Clone, Copy)]
+struct Weight {
+    ptr: u64,
+    out_features: usize,
+    in_features: usize,
+}
+
+/// cuBLAS and the activation buffers of one chunk.
+pub struct Prefill {
+    blas: CudaBlas,
+    /// Positions the buffers hold.
+    capacity: usize,
+    x: CudaSlice<f32>,
+    normed: CudaSlice<u16>,
+    qkv: CudaSlice<f32>,
+    q: CudaSlice<u16>,
+    attn: CudaSlice<u16>,
+    gate_up: CudaSlice<f32>,
+    h: CudaSlice<u16>,
+}
+
+/// Bytes of GPU memory prefill's buffers take for `positions` positions.
+pub fn buffer_bytes(positions: usize) -> usize {
+    positions
+        * (4 * (HIDDEN + QKV_ROWS + 2 * INTERMEDIATE) + 2 * (HIDDEN + 2 * Q_DIM + INTERMEDIATE))
+}
+
+/// Why batched prefill cannot run here, or None when it can.
+pub fn unavailable_reason() -> Option<String> {
+    // cudarc panics when the library is missing: look first.
+    if unsafe { blas_sys::is_culib_present() } {
+        None
+    } else {
+        Some(
+            "cuBLAS (libcublas.so.13 or .so.12) is not loadable; add its directory to LD_LIBRARY_PATH"
+                .to_string(),
+        )
+    }
+}
+
+impl Prefill {
+    pub fn new(stream: &std::sync::Arc<CudaStream>, context: usize) -> Result<Self> {
+        let capacity = context.min(PREFILL_CHUNK);
+        let oom = "not enough GPU memory for the prefill buffers";
+        let blas = CudaBlas::new(stream.clone()).context("cannot start cuBLAS")?;
+        Ok(Self {
+            blas,
+            capacity,
+            x: stream.alloc_zeros(capacity * HIDDEN).context(oom)?,
+            normed: stream.alloc_zeros(capacity * HIDDEN).context(oom)?,
+            qkv: stream.alloc_zeros(capacity * QKV_ROWS).context(oom)?,
+            q: stream.alloc_zeros(capacity * Q_DIM).context(oom)?,
+            attn: stream.alloc_zeros(capacity * Q_DIM).context(oom)?,
+            gate_up: stream
+                .alloc_zeros(capacity * 2 * INTERMEDIATE)
+                .context(oom)?,
+            h: stream.alloc_zeros(capacity * INTERMEDIATE).context(oom)?,
+        })
+    }
+
+    /// out (rows x out_features, f32) = input (rows x in_features, bf16) . W^T;
+    /// `accumulate` adds onto `out` (the residual) instead of overwriting.
+    /// In cuBLAS's column-major terms: out^T = op_T(W) . input^T.
+    fn gemm(&self, w: Weight, input: u64, out: u64, rows: usize, accumulate: bool) -> Result<()> {
+        let (n, k) = (w.out_features, w.in_features);
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                rows as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w.ptr as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                input as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                out as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .context("cuBLAS GEMM failed")
+    }
+}
+
+fn rows_config(rows: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl GpuDecoder {
+    /// Queues a batched prefill of positions [start, start + len) of the
+    /// tokens given to `reset`; the cache must already hold every position
+    /// before `start`. Afterwards the cache holds [0, start + len) and the LM
+    /// head (`enqueue_lm_head`) gives the token after position start + len - 1,
+    /// where `reset`'s start_pos must point.
+    pub fn enqueue_prefill(&mut self, start: usize, len: usize) -> Result<()> {
+        let prefill = self.prefill.as_ref().map_err(|why| {
+            anyhow::anyhow!("batched prefill is unavailable: {why}; use --token-by-token")
+        })?;
+        anyhow::ensure!(
+            len > 0 && start + len <= self.context,
+            "prefill of positions {start}..{} does not fit a context of {}",
+            start + len,
+            self.context
+        );
+        let mut done = 0;
+        let mut rows = 0;
+        while done < len {
+            rows = (len - done).min(prefill.capacity);
+            self.prefill_chunk(prefill, start + done, rows)?;
+            done += rows;
+        }
+        // The last position's residual is what the LM head reads.
+        let last = (rows - 1) * HIDDEN;
+        let src = prefill.x.slice(last..last + HIDDEN);
+        let mut dst = self.activations.slice_mut(..HIDDEN);
+        self.stream.memcpy_dtod(&src, &mut dst)?;
+        Ok(())
+    }
+
+    fn prefill_chunk(&self, prefill: &Prefill, start: usize, rows: usize) -> Result<()> {
+        let s = &self.stream;
+        let kernels = &self.device.prefill;
+        let p = &self.decode_params;
+        let x = ptr(&prefill.x, s);
+        let normed = ptr(&prefill.normed, s);
+        let qkv = ptr(&prefill.qkv, s);
+        let q = ptr(&prefill.q, s);
+        let attn = ptr(&prefill.attn, s);
+        let gate_up = ptr(&prefill.gate_up, s);
+        let h = ptr(&prefill.h, s);
+        let eps = p.eps;
+        let context = self.context as u32;
+        let start_pos = start as u32;
+
+        let tokens = p.tokens + 4 * start as u64;
+        let mut launch = s.launch_builder(&kernels.embed);
+        launch.arg(&tokens).arg(&p.embed).arg(&x);
+        unsafe { launch.launch(rows_config(rows, PREFILL_ROW_THREADS)) }?;
+
+        let layer_cache = (NUM_KV_HEADS * self.context * HEAD_DIM * 2) as u64;
+        for layer in 0..NUM_LAYERS {
+            let w = |offset: usize| p.layers + 2 * (layer * lay::STRIDE + offset) as u64;
+            let matrix = |offset, out_features, in_features| Weight {
+                ptr: w(offset),
+                out_features,
+                in_features,
+            };
+            let k_cache = p.k_cache + layer as u64 * layer_cache;
+            let v_cache = p.v_cache + layer as u64 * layer_cache;
+
+            self.prefill_rms_norm(x, w(lay::INPUT_NORM), normed, rows)?;
+            prefill.gemm(matrix(lay::QKV, QKV_ROWS, HIDDEN), normed, qkv, rows, false)?;
+            let (q_norm, k_norm) = (w(lay::Q_NORM), w(lay::K_NORM));
+            let mut launch = s.launch_builder(&kernels.qk_norm_rope);
+            launch
+                .arg(&qkv)
+                .arg(&start_pos)
+                .arg(&q_norm)
+                .arg(&k_norm)
+                .arg(&p.inv_freq)
+                .arg(&eps)
+                .arg(&q)
+                .arg(&k_cache)
+                .arg(&v_cache)
+                .arg(&context);
+            let heads = NUM_Q_HEADS + 2 * NUM_KV_HEADS;
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, (heads / HEADS_PER_BLOCK) as u32, 1),
+                block_dim: (HEADS_PER_BLOCK as u32 * 32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }?;
+
+            let params = PrefillAttentionParams {
+                q,
+                k_cache,
+                v_cache,
+                out: attn,
+                rows: rows as u32,
+                start_pos,
+                context,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    rows.div_ceil(PREFILL_ATTN_QUERIES) as u32,
+                    NUM_KV_HEADS as u32,
+                    1,
+                ),
+                block_dim: (PREFILL_ATTN_THREADS as u32, 1, 1),
+                shared_mem_bytes: PREFILL_ATTN_SMEM_BYTES as u32,
+            };
+            let mut launch = s.launch_builder(&kernels.attention);
+            launch.arg(&params);
+            unsafe { launch.launch(cfg) }?;
+            prefill.gemm(matrix(lay::O, HIDDEN, Q_DIM), attn, x, rows, true)?;
+
+            self.prefill_rms_norm(x, w(lay::POST_ATTN_NORM), normed, rows)?;
+            // Gate and up are adjacent in the packed layer: one GEMM.
+            let gate_and_up = matrix(lay::GATE, 2 * INTERMEDIATE, HIDDEN);
+            prefill.gemm(gate_and_up, normed, gate_up, rows, false)?;
+            let quads = (rows * INTERMEDIATE / 4) as u32;
+            let rows32 = rows as u32;
+            let mut launch = s.launch_builder(&kernels.silu_mul);
+            launch.arg(&gate_up).arg(&h).arg(&rows32);
+            let cfg = LaunchConfig {
+                grid_dim: (quads.div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }?;
+            prefill.gemm(matrix(lay::DOWN, HIDDEN, INTERMEDIATE), h, x, rows, true)?;
+        }
+        Ok(())
+    }
+
+    fn prefill_rms_norm(&self, x: u64, weight: u64, out: u64, rows: usize) -> Result<()> {
+        let eps = self.decode_params.eps;
+        let mut launch = self.stream.launch_builder(&self.device.prefill.rms_norm);
+        launch.arg(&x).arg(&weight).arg(&out).arg(&eps);
+        unsafe { launch.launch(rows_config(rows, PREFILL_ROW_THREADS)) }?;
+        Ok(())
+    }
+}
