@@ -148,25 +148,42 @@ __device__ __forceinline__ void rms_norm_to_shared(const float* x_f32, const bf1
 
 // ---- q/k norm and RoPE ---------------------------------------------------------
 
-// RMSNorm over one head (a warp's 4 values a lane: dims lane + 32 i), then
-// RoPE in the rotate-half form: dim d pairs with d + 64.
-__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
-                                               float pos, float eps) {
+// A head as a warp holds it: 4 values a lane, dims lane + 32 i.
+
+// RMSNorm over one head.
+__device__ __forceinline__ void rms_norm_head(float (&v)[4], const bf16* norm_weight, float eps) {
     const int lane = threadIdx.x % WARP;
     const float ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
     const float inv_rms = rsqrtf(ss / HEAD_DIM + eps);
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * bf16_to_f32(norm_weight[lane + 32 * i]);
+}
+
+// cos and sin of the RoPE angles of this lane's two frequencies (lane and
+// lane + 32) at `pos`: the same f32 product as transformers, position times
+// inverse frequency.
+__device__ __forceinline__ void rope_angles(const float* inv_freq, float pos, float (&c)[2], float (&s)[2]) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sincosf(pos * inv_freq[lane + 32 * i], &s[i], &c[i]);
+}
+
+// RoPE in the rotate-half form: dim d pairs with d + 64.
+__device__ __forceinline__ void rotate_head(float (&v)[4], const float (&c)[2], const float (&s)[2]) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        // Same f32 product as transformers: position times inverse frequency.
-        const float angle = pos * inv_freq[lane + 32 * i];
-        float s, c;
-        sincosf(angle, &s, &c);
         const float lo = v[i], hi = v[i + 2];
-        v[i] = lo * c - hi * s;
-        v[i + 2] = hi * c + lo * s;
+        v[i] = lo * c[i] - hi * s[i];
+        v[i + 2] = hi * c[i] + lo * s[i];
     }
+}
+
+__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
+                                               float pos, float eps) {
+    rms_norm_head(v, norm_weight, eps);
+    float c[2], s[2];
+    rope_angles(inv_freq, pos, c, s);
+    rotate_head(v, c, s);
 }
 
 // ---- argmax ------------------------------------------------------------------

@@ -23,7 +23,8 @@ constexpr int FA_QUERIES = QMK_PREFILL_ATTN_QUERIES;  // query positions per blo
 constexpr int FA_KEYS = QMK_PREFILL_ATTN_KEYS;        // keys per shared-memory tile
 constexpr int FA_THREADS = QMK_PREFILL_ATTN_THREADS;
 constexpr int FA_WARPS = FA_THREADS / WARP;
-constexpr int FA_STAGES = 2;  // tile t + 1 loads while tile t is used
+// Tiles t + 1 and t + 2 load while tile t is used: one barrier per tile.
+constexpr int FA_STAGES = QMK_PREFILL_ATTN_STAGES;
 constexpr int CHUNKS_PER_ROW = HEAD_DIM * 2 / 16;  // 16-byte chunks in one key's row
 constexpr int TILE_ELEMS = FA_KEYS * HEAD_DIM;
 // K and V tiles of every stage: the dynamic shared memory the host sets.
@@ -123,9 +124,16 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
     auto k_tile = [&](int stage) { return smem_base + stage * 2 * TILE_ELEMS * 2; };
     auto v_tile = [&](int stage) { return k_tile(stage) + TILE_ELEMS * 2; };
 
-    load_tile_async(k_tile(0), k_head, 0, keys_end);
-    load_tile_async(v_tile(0), v_head, 0, keys_end);
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    // Tiles 0 .. FA_STAGES - 2 start loading; one commit group per tile,
+    // empty past the last, so group counting is the same for every block.
+#pragma unroll
+    for (int t = 0; t < FA_STAGES - 1; ++t) {
+        if (t < tiles) {
+            load_tile_async(k_tile(t), k_head, t * FA_KEYS, keys_end);
+            load_tile_async(v_tile(t), v_head, t * FA_KEYS, keys_end);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
 
     // This lane's query fragments for the 8 k-steps of 16 head dims.
     unsigned int q_frag[HEAD_DIM / 16][4];
@@ -152,15 +160,17 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
 
     for (int t = 0; t < tiles; ++t) {
         const int stage = t % FA_STAGES;
-        if (t + 1 < tiles) {
-            load_tile_async(k_tile((t + 1) % FA_STAGES), k_head, (t + 1) * FA_KEYS, keys_end);
-            load_tile_async(v_tile((t + 1) % FA_STAGES), v_head, (t + 1) * FA_KEYS, keys_end);
-            asm volatile("cp.async.commit_group;" ::: "memory");
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
-        } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
-        }
+        // Tile t has landed (only the newer groups may be pending), and after
+        // the barrier every warp is done with tile t - 1, whose stage the
+        // load of tile t + FA_STAGES - 1 reuses.
+        asm volatile("cp.async.wait_group %0;" ::"n"(FA_STAGES - 2) : "memory");
         __syncthreads();
+        const int next = t + FA_STAGES - 1;
+        if (next < tiles) {
+            load_tile_async(k_tile(next % FA_STAGES), k_head, next * FA_KEYS, keys_end);
+            load_tile_async(v_tile(next % FA_STAGES), v_head, next * FA_KEYS, keys_end);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
 
         const int first_key = t * FA_KEYS;
         if (first_key <= warp_first_pos + 15) {  // else every key of the tile is after this warp's positions
@@ -232,7 +242,6 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
                 }
             }
         }
-        __syncthreads();  // the stage is overwritten by the load two tiles on
     }
 
 #pragma unroll

@@ -59,15 +59,31 @@ pub const STAGE_BYTES: usize = 48 * 1024;
 /// chunks of this many, which bounds prefill's activation memory (about
 /// 60 KB per position).
 pub const PREFILL_CHUNK: usize = 4096;
-/// Threads per row of prefill's row-wise kernels (8 elements of HIDDEN each).
+/// Threads per row of prefill's embedding gather (8 elements of HIDDEN each).
 pub const PREFILL_ROW_THREADS: usize = HIDDEN / 8;
+/// Rows of prefill's RMSNorm kernel per block (a warp each).
+pub const PREFILL_NORM_ROWS_PER_BLOCK: usize = 8;
 /// Prefill attention: query positions per block (both query heads of a KV
 /// head), keys per shared-memory tile, threads per block.
 pub const PREFILL_ATTN_QUERIES: usize = 64;
 pub const PREFILL_ATTN_KEYS: usize = 64;
 pub const PREFILL_ATTN_THREADS: usize = 256;
-/// Its dynamic shared memory: K and V tiles, double-buffered.
-pub const PREFILL_ATTN_SMEM_BYTES: usize = 2 * 2 * PREFILL_ATTN_KEYS * HEAD_DIM * 2;
+/// K and V tiles in flight: the one in use and the next two loading.
+pub const PREFILL_ATTN_STAGES: usize = 3;
+/// Its dynamic shared memory: the K and V tiles of every stage (96 KB, under
+/// the RTX 5090's 99 KB per block).
+pub const PREFILL_ATTN_SMEM_BYTES: usize =
+    PREFILL_ATTN_STAGES * 2 * PREFILL_ATTN_KEYS * HEAD_DIM * 2;
+
+// Checked when this file compiles (the kernels static_assert the same):
+// the RTX 5090 (sm_120) gives a block at most 99 KB of shared memory;
+// attention has a warp per 16 positions of each of the two query heads of a
+// KV head, and tiles of whole 16-key MMA steps.
+const _: () = assert!(PREFILL_ATTN_SMEM_BYTES <= 99 * 1024);
+const _: () = assert!(NUM_Q_HEADS == 2 * NUM_KV_HEADS);
+const _: () = assert!(PREFILL_ATTN_THREADS / 32 == 2 * PREFILL_ATTN_QUERIES / 16);
+const _: () = assert!(PREFILL_ATTN_KEYS.is_multiple_of(16));
+const _: () = assert!(PREFILL_ROW_THREADS * 8 == HIDDEN);
 
 /// The macros nvcc receives, in `-DNAME=VALUE` form.
 pub const KERNEL_DEFINES: &[(&str, usize)] = &[
@@ -82,9 +98,14 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_ATTN_MAX_CHUNK", ATTN_MAX_CHUNK),
     ("QMK_STAGE_BYTES", STAGE_BYTES),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
+    (
+        "QMK_PREFILL_NORM_ROWS_PER_BLOCK",
+        PREFILL_NORM_ROWS_PER_BLOCK,
+    ),
     ("QMK_PREFILL_ATTN_QUERIES", PREFILL_ATTN_QUERIES),
     ("QMK_PREFILL_ATTN_KEYS", PREFILL_ATTN_KEYS),
     ("QMK_PREFILL_ATTN_THREADS", PREFILL_ATTN_THREADS),
+    ("QMK_PREFILL_ATTN_STAGES", PREFILL_ATTN_STAGES),
     ("QMK_PREFILL_ATTN_SMEM_BYTES", PREFILL_ATTN_SMEM_BYTES),
     ("QMK_OFF_INPUT_NORM", layer_layout::INPUT_NORM),
     ("QMK_OFF_POST_ATTN_NORM", layer_layout::POST_ATTN_NORM),

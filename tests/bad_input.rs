@@ -246,26 +246,28 @@ fn cuda_without_a_gpu() {
         head: qwen_mk::synthetic::Head::Random,
     };
     qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
-    let out = generate(
-        dir.path(),
-        &[
+    // Batched prefill (the default) and the token-by-token prompt path.
+    for prompt_path in [None, Some("--token-by-token")] {
+        let mut args = vec![
             "--prompt",
             "hi",
             "--max-new-tokens",
             "1",
             "--device",
             "cuda",
-        ],
-    );
-    let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
-    if driver_present {
-        // On a GPU machine the same command must simply work.
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
-        assert_one_line_error(&out, "no NVIDIA driver found");
+        ];
+        args.extend(prompt_path);
+        let out = generate(dir.path(), &args);
+        let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
+        if driver_present {
+            // On a GPU machine the same command must simply work.
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            assert_one_line_error(&out, "no NVIDIA driver found");
+        }
     }
 }

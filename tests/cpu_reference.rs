@@ -42,6 +42,34 @@ fn teacher_forced_logprobs_match_transformers() {
 #[test]
 fn full_size_checkpoint_matches_the_gpu_parity_reference() {
     let (reference, _) = golden_file("tokens.json");
+    let dir = full_size_checkpoint(&reference);
+    let worst = teacher_forced_error(dir.path(), &reference, 6);
+    assert!(worst < 1e-3, "largest logprob error {worst} exceeds 1e-3");
+}
+
+/// The batched-prefill references (reference/tokens-prefill-N.json, prompt
+/// lengths that are no multiple of a tile) have the prompt lengths their
+/// names say, and the two shortest agree with the CPU reference.
+#[test]
+fn prefill_references_have_their_lengths_and_match_the_cpu_reference() {
+    for n in [1usize, 7, 129, 1000, 4097] {
+        let (reference, _) = golden_file(&format!("tokens-prefill-{n}.json"));
+        assert_eq!(reference.prompt_ids.len(), n, "tokens-prefill-{n}.json");
+    }
+    let (first, _) = golden_file("tokens-prefill-1.json");
+    let dir = full_size_checkpoint(&first);
+    for n in [1, 7] {
+        let (reference, _) = golden_file(&format!("tokens-prefill-{n}.json"));
+        let worst = teacher_forced_error(dir.path(), &reference, 4);
+        assert!(
+            worst < 1e-3,
+            "prompt of {n}: largest logprob error {worst} exceeds 1e-3"
+        );
+    }
+}
+
+/// The synthetic full-size checkpoint a GPU reference was made from.
+fn full_size_checkpoint(reference: &Reference) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let spec = qwen_mk::synthetic::SyntheticSpec {
         shape: qwen_mk::synthetic::Shape::Qwen3_0_6B,
@@ -50,8 +78,7 @@ fn full_size_checkpoint_matches_the_gpu_parity_reference() {
         head: qwen_mk::synthetic::Head::Random,
     };
     qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
-    let worst = teacher_forced_error(dir.path(), &reference, 6);
-    assert!(worst < 1e-3, "largest logprob error {worst} exceeds 1e-3");
+    dir
 }
 
 /// Runs the CPU reference teacher-forced over the golden's first `steps`

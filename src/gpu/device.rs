@@ -29,6 +29,7 @@ pub struct Device {
 pub struct PrefillKernels {
     pub embed: CudaFunction,
     pub rms_norm: CudaFunction,
+    pub rope_table: CudaFunction,
     pub qk_norm_rope: CudaFunction,
     pub silu_mul: CudaFunction,
     pub attention: CudaFunction,
@@ -88,6 +89,7 @@ impl Device {
         let prefill = PrefillKernels {
             embed: prefill_module.load_function("prefill_embed")?,
             rms_norm: prefill_module.load_function("prefill_rms_norm")?,
+            rope_table: prefill_module.load_function("prefill_rope_table")?,
             qk_norm_rope: prefill_module.load_function("prefill_qk_norm_rope")?,
             silu_mul: prefill_module.load_function("prefill_silu_mul")?,
             attention: attention_module.load_function("prefill_attention")?,
