@@ -75,7 +75,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Feed the prompt through the decode kernel one token at a time instead
-    /// of batched prefill (for comparison).
+    /// of batched prefill (for comparison; prompts of 1-2 tokens always are).
     #[arg(long)]
     pub token_by_token: bool,
 }

@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::{DeviceKind, GenerateArgs};
 use crate::config::eos_token_ids;
 use crate::cpu_reference::{argmax, CpuModel, KvCache};
+use crate::gpu::decoder::PREFILL_MIN_TOKENS;
 use crate::gpu::GpuDecoder;
 use crate::model_source;
 use crate::tokenizer::Tokenizer;
@@ -72,7 +73,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let context = prompt_ids.len() + args.max_new_tokens;
             let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
             let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-            let batched = !args.token_by_token && prefill_available(&decoder);
+            let batched = !args.token_by_token
+                && prompt_ids.len() >= PREFILL_MIN_TOKENS
+                && prefill_available(&decoder);
             let (first, rest) =
                 decoder.generate(&prompt_ids, args.max_new_tokens, &eos, batched, &mut emit)?;
             (decoder.device.name.clone(), load_ms, first, rest)
@@ -118,7 +121,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             generated.len(),
             prompt_ids.len(),
             match args.device {
-                DeviceKind::Cuda if args.token_by_token => ", one at a time",
+                DeviceKind::Cuda if args.token_by_token || prompt_ids.len() < PREFILL_MIN_TOKENS =>
+                    ", one at a time",
                 _ => "",
             }
         );

@@ -20,6 +20,7 @@ mod prefill;
 
 pub use measure::median;
 use prefill::Prefill;
+pub use prefill::PREFILL_MIN_TOKENS;
 
 use super::device::Device;
 use super::weights::GpuWeights;
@@ -297,7 +298,7 @@ impl GpuDecoder {
             None => Ok(Prefill::new(&stream, context)?),
         };
         stream.synchronize()?;
-        Ok(Self {
+        let decoder = Self {
             device,
             stream,
             vocab: config.vocab_size,
@@ -317,7 +318,9 @@ impl GpuDecoder {
             host_tokens,
             decode_params,
             lm_params,
-        })
+        };
+        decoder.warm_up_prefill()?;
+        Ok(decoder)
     }
 
     /// Starts a new sequence: `tokens[..n_fixed]` are given (the prompt, or
