@@ -105,9 +105,10 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
     prefill_attention(const PrefillAttentionParams p) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    // The longest blocks (latest positions) start first.
-    const int query_block = gridDim.x - 1 - blockIdx.x;
-    const int kv_head = blockIdx.y;
+    // Blocks start in grid order, x fastest: the KV heads of the latest
+    // (longest) query block first, so the short blocks fill the tail.
+    const int kv_head = blockIdx.x;
+    const int query_block = gridDim.y - 1 - blockIdx.y;
     const int q_head = kv_head * GQA_GROUP + warp / 4;
     const int row0 = query_block * FA_QUERIES + (warp % 4) * 16 + lane / 4;  // and row0 + 8
     const int rows = (int)p.rows, start = (int)p.start_pos;

@@ -287,8 +287,8 @@ impl GpuDecoder {
             };
             let cfg = LaunchConfig {
                 grid_dim: (
-                    rows.div_ceil(PREFILL_ATTN_QUERIES) as u32,
                     NUM_KV_HEADS as u32,
+                    rows.div_ceil(PREFILL_ATTN_QUERIES) as u32,
                     1,
                 ),
                 block_dim: (PREFILL_ATTN_THREADS as u32, 1, 1),
