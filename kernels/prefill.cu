@@ -75,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(WARP)
 }
 
 // Heads of the fused QKV output one block handles: a warp per head.
-constexpr int HEADS_PER_BLOCK = 8;
+constexpr int HEADS_PER_BLOCK = QMK_PREFILL_QKV_HEADS_PER_BLOCK;
 constexpr int QKV_HEADS = NUM_Q_HEADS + 2 * NUM_KV_HEADS;
 static_assert(QKV_HEADS % HEADS_PER_BLOCK == 0, "blocks cover whole heads");
 

@@ -61,6 +61,9 @@ pub const STAGE_BYTES: usize = 48 * 1024;
 pub const PREFILL_CHUNK: usize = 4096;
 /// Threads per row of prefill's embedding gather (8 elements of HIDDEN each).
 pub const PREFILL_ROW_THREADS: usize = HIDDEN / 8;
+/// Heads of the fused QKV output one block of prefill's q/k norm + RoPE
+/// kernel handles (a warp each).
+pub const PREFILL_QKV_HEADS_PER_BLOCK: usize = 8;
 /// Rows of prefill's RMSNorm kernel per block (a warp each).
 pub const PREFILL_NORM_ROWS_PER_BLOCK: usize = 8;
 /// Prefill attention: query positions per block (both query heads of a KV
@@ -101,6 +104,10 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     (
         "QMK_PREFILL_NORM_ROWS_PER_BLOCK",
         PREFILL_NORM_ROWS_PER_BLOCK,
+    ),
+    (
+        "QMK_PREFILL_QKV_HEADS_PER_BLOCK",
+        PREFILL_QKV_HEADS_PER_BLOCK,
     ),
     ("QMK_PREFILL_ATTN_QUERIES", PREFILL_ATTN_QUERIES),
     ("QMK_PREFILL_ATTN_KEYS", PREFILL_ATTN_KEYS),

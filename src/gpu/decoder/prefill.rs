@@ -10,9 +10,9 @@
 //! The residual stream stays in f32 (as in the decode kernel); what the
 //! GEMMs read and the QKV and gate|up outputs are bf16, as in transformers'
 //! bf16 forward (f32 outputs measured 3 ms slower at 8,192 tokens, all of it
-//! memory traffic). The residual of the last position is copied to where the LM
-//! head reads it, so the next launch is the ordinary LM head and decoding
-//! continues from the cache the prefill wrote.
+//! memory traffic). The residual of the last position is copied to where
+//! the LM head reads it, so the next launch is the ordinary LM head and
+//! decoding continues from the cache the prefill wrote.
 
 use std::ffi::c_void;
 
@@ -24,11 +24,8 @@ use super::{ptr, GpuDecoder};
 use crate::kernel_dims::{
     layer_layout as lay, HEAD_DIM, HIDDEN, INTERMEDIATE, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS,
     PREFILL_ATTN_QUERIES, PREFILL_ATTN_SMEM_BYTES, PREFILL_ATTN_THREADS, PREFILL_CHUNK,
-    PREFILL_NORM_ROWS_PER_BLOCK, PREFILL_ROW_THREADS, QKV_ROWS, Q_DIM,
+    PREFILL_NORM_ROWS_PER_BLOCK, PREFILL_QKV_HEADS_PER_BLOCK, PREFILL_ROW_THREADS, QKV_ROWS, Q_DIM,
 };
-
-/// Warps per block of prefill_qk_norm_rope (one per head).
-const HEADS_PER_BLOCK: usize = 8;
 
 /// Shorter prompts go through the decode kernel one token at a time: a
 /// batched prefill costs about 2 ms however short the prompt (some 250
@@ -270,8 +267,8 @@ impl GpuDecoder {
                 .arg(&context);
             let heads = NUM_Q_HEADS + 2 * NUM_KV_HEADS;
             let cfg = LaunchConfig {
-                grid_dim: (rows as u32, (heads / HEADS_PER_BLOCK) as u32, 1),
-                block_dim: (HEADS_PER_BLOCK as u32 * 32, 1, 1),
+                grid_dim: (rows as u32, (heads / PREFILL_QKV_HEADS_PER_BLOCK) as u32, 1),
+                block_dim: (PREFILL_QKV_HEADS_PER_BLOCK as u32 * 32, 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { launch.launch(cfg) }?;
