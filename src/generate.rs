@@ -68,7 +68,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let (device_name, load_ms, first_token_ms, rest_ms) = match args.device {
+    // `prompt_note` says how the prompt went in, when not by batched prefill.
+    let (device_name, load_ms, first_token_ms, rest_ms, prompt_note) = match args.device {
         DeviceKind::Cuda => {
             let context = prompt_ids.len() + args.max_new_tokens;
             let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
@@ -78,14 +79,15 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 && prefill_available(&decoder);
             let (first, rest) =
                 decoder.generate(&prompt_ids, args.max_new_tokens, &eos, batched, &mut emit)?;
-            (decoder.device.name.clone(), load_ms, first, rest)
+            let note = if batched { "" } else { ", one at a time" };
+            (decoder.device.name.clone(), load_ms, first, rest, note)
         }
         DeviceKind::Cpu => {
             let model = CpuModel::load(&checkpoint);
             let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
             let (first, rest) =
                 cpu_generate(&model, &prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
-            ("cpu".to_string(), load_ms, first, rest)
+            ("cpu".to_string(), load_ms, first, rest, "")
         }
     };
     drop(stdout);
@@ -117,14 +119,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         println!();
         eprintln!(
-            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens{}), then {tokens_per_s:.1} tok/s on {device_name}]",
+            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens{prompt_note}), then {tokens_per_s:.1} tok/s on {device_name}]",
             generated.len(),
             prompt_ids.len(),
-            match args.device {
-                DeviceKind::Cuda if args.token_by_token || prompt_ids.len() < PREFILL_MIN_TOKENS =>
-                    ", one at a time",
-                _ => "",
-            }
         );
     }
     Ok(())
