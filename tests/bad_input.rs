@@ -238,14 +238,7 @@ fn gpu_kernels_refuse_other_shapes_before_touching_the_gpu() {
 fn cuda_without_a_gpu() {
     // A checkpoint of the real shape, so the dimension check passes and the
     // GPU is what is missing.
-    let dir = tempfile::tempdir().unwrap();
-    let spec = qwen_mk::synthetic::SyntheticSpec {
-        shape: qwen_mk::synthetic::Shape::Qwen3_0_6B,
-        seed: 1,
-        tied: true,
-        head: qwen_mk::synthetic::Head::Random,
-    };
-    qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
+    let dir = common::full_size_checkpoint(1);
     // Batched prefill (the default) and the token-by-token prompt path.
     for prompt_path in [None, Some("--token-by-token")] {
         let mut args = vec![

@@ -70,15 +70,7 @@ fn prefill_references_have_their_lengths_and_match_the_cpu_reference() {
 
 /// The synthetic full-size checkpoint a GPU reference was made from.
 fn full_size_checkpoint(reference: &Reference) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = qwen_mk::synthetic::SyntheticSpec {
-        shape: qwen_mk::synthetic::Shape::Qwen3_0_6B,
-        seed: reference.model.metadata["qwen_mk_seed"].parse().unwrap(),
-        tied: true,
-        head: qwen_mk::synthetic::Head::Random,
-    };
-    qwen_mk::synthetic::write_checkpoint(dir.path(), &common::assets(), &spec).unwrap();
-    dir
+    common::full_size_checkpoint(reference.model.metadata["qwen_mk_seed"].parse().unwrap())
 }
 
 /// Runs the CPU reference teacher-forced over the golden's first `steps`

@@ -18,14 +18,23 @@ pub fn reference_file(name: &str) -> PathBuf {
 
 /// A tiny synthetic checkpoint in a fresh temporary directory.
 pub fn tiny_checkpoint(seed: u64, tied: bool) -> tempfile::TempDir {
+    synthetic_checkpoint(Shape::Tiny, seed, tied)
+}
+
+/// A synthetic checkpoint of the real Qwen3-0.6B shape (tied head).
+pub fn full_size_checkpoint(seed: u64) -> tempfile::TempDir {
+    synthetic_checkpoint(Shape::Qwen3_0_6B, seed, true)
+}
+
+fn synthetic_checkpoint(shape: Shape, seed: u64, tied: bool) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let spec = SyntheticSpec {
-        shape: Shape::Tiny,
+        shape,
         seed,
         tied,
         head: Head::Random,
     };
-    write_checkpoint(dir.path(), &assets(), &spec).expect("write tiny checkpoint");
+    write_checkpoint(dir.path(), &assets(), &spec).expect("write synthetic checkpoint");
     dir
 }
 
