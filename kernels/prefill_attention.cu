@@ -1,77 +1,10 @@
-// Causal attention for batched prefill, flash-attention style: a block holds
-// 64 query positions of both query heads of one KV head, streams that KV
-// head's cached keys and values through shared memory in tiles of 64, and
-// keeps the softmax online (running max and sum), so no positions x
-// positions matrix ever exists. The products run on the tensor cores
-// (mma.sync m16n8k16, bf16 in, f32 accumulate).
-//
-// The queries are rows [0, rows) of the chunk, at positions start_pos + row;
-// the cache already holds every key up to start_pos + rows - 1 (earlier
-// chunks and turns, and this chunk's own keys, written by
-// prefill_qk_norm_rope), so a chunk that continues a cache attends to all of
-// it.
-//
-// Warp w owns query head 2 * kv_head + w / 4 and positions 16 * (w % 4) ..
-// + 15 of the block. In the mma fragment layouts a lane holds rows lane / 4
-// and lane / 4 + 8 of its warp's 16, and two adjacent columns of every
-// 8-column tile.
-#include "common.cuh"
+// Prefill attention on mma.sync (m16n8k16, bf16 in, f32 accumulate): every
+// target, and the RTX 5090's path. Each warp multiplies its own 16 rows,
+// reading K and V fragments from the shared tiles with ldmatrix. The
+// block's loop is in prefill_attention.cuh.
+#include "prefill_attention.cuh"
 
 namespace qmk {
-
-constexpr int FA_QUERIES = QMK_PREFILL_ATTN_QUERIES;  // query positions per block
-constexpr int FA_KEYS = QMK_PREFILL_ATTN_KEYS;        // keys per shared-memory tile
-constexpr int FA_THREADS = QMK_PREFILL_ATTN_THREADS;
-constexpr int FA_WARPS = FA_THREADS / WARP;
-// Tiles t + 1 and t + 2 load while tile t is used: one barrier per tile.
-constexpr int FA_STAGES = QMK_PREFILL_ATTN_STAGES;
-constexpr int CHUNKS_PER_ROW = HEAD_DIM * 2 / 16;  // 16-byte chunks in one key's row
-constexpr int TILE_ELEMS = FA_KEYS * HEAD_DIM;
-// K and V tiles of every stage: the dynamic shared memory the host sets.
-constexpr int FA_SMEM_BYTES = FA_STAGES * 2 * TILE_ELEMS * 2;
-static_assert(FA_WARPS / 4 == GQA_GROUP && FA_QUERIES == 4 * 16, "4 warps of 16 positions per query head");
-static_assert(FA_SMEM_BYTES == QMK_PREFILL_ATTN_SMEM_BYTES, "the host sets this much dynamic shared memory");
-static_assert(FA_KEYS % 16 == 0 && (FA_KEYS * CHUNKS_PER_ROW) % FA_THREADS == 0, "tile loads divide evenly");
-static_assert(FA_SMEM_BYTES <= 99 * 1024, "must fit an RTX 5090's shared memory per block");
-
-struct PrefillAttentionParams {
-    const bf16* q;        // rows x NUM_Q_HEADS x HEAD_DIM (normalised, rotated)
-    const bf16* k_cache;  // this layer: NUM_KV_HEADS x context x HEAD_DIM
-    const bf16* v_cache;  // same layout
-    bf16* out;            // rows x Q_DIM
-    unsigned int rows;
-    unsigned int start_pos;
-    unsigned int context;
-};
-
-// Tile rows are 256 bytes, so the 16-byte chunk c of row r is stored at
-// chunk c ^ (r % 8): the 8 rows an ldmatrix reads land in 8 different bank
-// groups.
-__device__ __forceinline__ unsigned int tile_offset(int row, int chunk) {
-    return (unsigned int)(row * HEAD_DIM + ((chunk ^ (row & 7)) * 8)) * 2;
-}
-
-__device__ __forceinline__ unsigned int smem_u32(const void* p) {
-    return (unsigned int)__cvta_generic_to_shared(p);
-}
-
-// Copies keys [first, first + FA_KEYS) of one head into a tile; keys past
-// `end` are zero-filled (they are masked, and zeros keep 0 * garbage out of
-// the P.V product).
-__device__ __forceinline__ void load_tile_async(unsigned int tile_smem, const bf16* head, int first, int end) {
-    constexpr int CHUNKS = FA_KEYS * CHUNKS_PER_ROW;
-#pragma unroll
-    for (int i = 0; i < CHUNKS / FA_THREADS; ++i) {
-        const int c = threadIdx.x + i * FA_THREADS;
-        const int row = c / CHUNKS_PER_ROW, chunk = c % CHUNKS_PER_ROW;
-        const int key = first + row;
-        const bool valid = key < end;
-        const bf16* src = head + (size_t)(valid ? key : 0) * HEAD_DIM + chunk * 8;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(tile_smem + tile_offset(row, chunk)),
-                     "l"(src), "r"(valid ? 16 : 0)
-                     : "memory");
-    }
-}
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned int addr, unsigned int (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -84,14 +17,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned int addr, unsigned in
                  : "r"(addr));
 }
 
-// 2^x by the special-function unit (relative error about 2^-22).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// d += a (16x16, row) * b (16x8, col), bf16 in, f32 accumulate.
+// d += a (16x16, row) * b (16x8, col).
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
                                          unsigned int b1) {
     asm volatile(
@@ -101,162 +27,48 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned int (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+struct MmaSync {
+    static constexpr bool SKIPS_WARPS = true;
+
+    // cp.async and ldmatrix are both generic-proxy accesses: the barrier
+    // alone orders them.
+    static __device__ __forceinline__ void tiles_landed() {}
+
+    static __device__ __forceinline__ void scores(ScoreTile& s, const QueryFragments& q, unsigned int k_tile,
+                                                  int lane) {
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < HEAD_DIM / 32; ++j) {
+                // b0, b1 of k-steps 2j and 2j + 1 for keys 8n .. 8n + 7.
+                unsigned int b[4];
+                ldmatrix_x4(k_tile + tile_offset(n * 8 + lane % 8, 4 * j + lane / 8), b);
+                mma_bf16(s[n], q[2 * j], b[0], b[1]);
+                mma_bf16(s[n], q[2 * j + 1], b[2], b[3]);
+            }
+        }
+    }
+
+    // V tiles are [key][dim]: read transposed.
+    static __device__ __forceinline__ void accumulate(OutputTile& out, const ProbFragments& p,
+                                                      unsigned int v_tile, int lane) {
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; ++kk) {
+#pragma unroll
+            for (int j = 0; j < HEAD_DIM / 16; ++j) {
+                unsigned int b[4];
+                const int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+                ldmatrix_x4_trans(v_tile + tile_offset(key, 2 * j + lane / 16), b);
+                mma_bf16(out[2 * j], p[kk], b[0], b[1]);
+                mma_bf16(out[2 * j + 1], p[kk], b[2], b[3]);
+            }
+        }
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
     prefill_attention(const PrefillAttentionParams p) {
-    extern __shared__ __align__(128) unsigned char smem[];
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    // Blocks start in grid order, x fastest: the KV heads of the latest
-    // (longest) query block first, so the short blocks fill the tail.
-    const int kv_head = blockIdx.x;
-    const int query_block = gridDim.y - 1 - blockIdx.y;
-    const int q_head = kv_head * GQA_GROUP + warp / 4;
-    const int row0 = query_block * FA_QUERIES + (warp % 4) * 16 + lane / 4;  // and row0 + 8
-    const int rows = (int)p.rows, start = (int)p.start_pos;
-    const int keys_end = start + rows;  // the cache holds keys [0, keys_end)
-    const int block_last_pos = start + min(query_block * FA_QUERIES + FA_QUERIES, rows) - 1;
-    const int tiles = block_last_pos / FA_KEYS + 1;
-    const int warp_first_pos = start + query_block * FA_QUERIES + (warp % 4) * 16;
-    const int pos[2] = {start + row0, start + row0 + 8};
-
-    const size_t head_base = (size_t)kv_head * p.context * HEAD_DIM;
-    const bf16* k_head = p.k_cache + head_base;
-    const bf16* v_head = p.v_cache + head_base;
-    const unsigned int smem_base = smem_u32(smem);
-    auto k_tile = [&](int stage) { return smem_base + stage * 2 * TILE_ELEMS * 2; };
-    auto v_tile = [&](int stage) { return k_tile(stage) + TILE_ELEMS * 2; };
-
-    // Tiles 0 .. FA_STAGES - 2 start loading; one commit group per tile,
-    // empty past the last, so group counting is the same for every block.
-#pragma unroll
-    for (int t = 0; t < FA_STAGES - 1; ++t) {
-        if (t < tiles) {
-            load_tile_async(k_tile(t), k_head, t * FA_KEYS, keys_end);
-            load_tile_async(v_tile(t), v_head, t * FA_KEYS, keys_end);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-
-    // This lane's query fragments for the 8 k-steps of 16 head dims.
-    unsigned int q_frag[HEAD_DIM / 16][4];
-    {
-        const bf16* q_rows[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            q_rows[h] = p.q + ((size_t)min(row0 + 8 * h, rows - 1) * NUM_Q_HEADS + q_head) * HEAD_DIM;
-#pragma unroll
-        for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
-            const int col = ks * 16 + (lane % 4) * 2;
-            q_frag[ks][0] = *reinterpret_cast<const unsigned int*>(q_rows[0] + col);
-            q_frag[ks][1] = *reinterpret_cast<const unsigned int*>(q_rows[1] + col);
-            q_frag[ks][2] = *reinterpret_cast<const unsigned int*>(q_rows[0] + col + 8);
-            q_frag[ks][3] = *reinterpret_cast<const unsigned int*>(q_rows[1] + col + 8);
-        }
-    }
-
-    // Softmax in base 2: scores are scaled by log2(e) / sqrt(HEAD_DIM).
-    const float scale = 1.4426950408889634f * rsqrtf((float)HEAD_DIM);
-    float out[HEAD_DIM / 8][4] = {};
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.f, 0.f};  // this lane's share; the quad's lanes are summed at the end
-
-    for (int t = 0; t < tiles; ++t) {
-        const int stage = t % FA_STAGES;
-        // Tile t has landed (only the newer groups may be pending), and after
-        // the barrier every warp is done with tile t - 1, whose stage the
-        // load of tile t + FA_STAGES - 1 reuses.
-        asm volatile("cp.async.wait_group %0;" ::"n"(FA_STAGES - 2) : "memory");
-        __syncthreads();
-        const int next = t + FA_STAGES - 1;
-        if (next < tiles) {
-            load_tile_async(k_tile(next % FA_STAGES), k_head, next * FA_KEYS, keys_end);
-            load_tile_async(v_tile(next % FA_STAGES), v_head, next * FA_KEYS, keys_end);
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-
-        const int first_key = t * FA_KEYS;
-        if (first_key <= warp_first_pos + 15) {  // else every key of the tile is after this warp's positions
-            // S = Q K^T for 16 rows x 64 keys.
-            float s[FA_KEYS / 8][4] = {};
-#pragma unroll
-            for (int n = 0; n < FA_KEYS / 8; ++n) {
-#pragma unroll
-                for (int j = 0; j < HEAD_DIM / 32; ++j) {
-                    // b0, b1 of k-steps 2j and 2j + 1 for keys 8n .. 8n + 7.
-                    unsigned int b[4];
-                    ldmatrix_x4(k_tile(stage) + tile_offset(n * 8 + lane % 8, 4 * j + lane / 8), b);
-                    mma_bf16(s[n], q_frag[2 * j], b[0], b[1]);
-                    mma_bf16(s[n], q_frag[2 * j + 1], b[2], b[3]);
-                }
-            }
-            // Causal mask, only on tiles that reach past this warp's first position.
-            if (first_key + FA_KEYS - 1 > warp_first_pos) {
-#pragma unroll
-                for (int n = 0; n < FA_KEYS / 8; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (first_key + n * 8 + (lane % 4) * 2 + (e & 1) > pos[e / 2]) s[n][e] = -INFINITY;
-            }
-            // Online softmax: new running max, rescale what came before.
-            float correction[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                float m = -INFINITY;
-#pragma unroll
-                for (int n = 0; n < FA_KEYS / 8; ++n) m = fmaxf(m, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-                const float new_max = fmaxf(row_max[h], m * scale);  // finite: key 0 is never masked
-                correction[h] = fast_exp2(row_max[h] - new_max);
-                row_max[h] = new_max;
-                row_sum[h] *= correction[h];
-            }
-#pragma unroll
-            for (int d = 0; d < HEAD_DIM / 8; ++d) {
-                out[d][0] *= correction[0];
-                out[d][1] *= correction[0];
-                out[d][2] *= correction[1];
-                out[d][3] *= correction[1];
-            }
-            // P = exp2(S * scale - max), as bf16 A fragments of 16 keys each.
-            unsigned int p_frag[FA_KEYS / 16][4];
-#pragma unroll
-            for (int n = 0; n < FA_KEYS / 8; ++n) {
-                float e[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    e[i] = fast_exp2(s[n][i] * scale - row_max[i / 2]);
-                    row_sum[i / 2] += e[i];
-                }
-                p_frag[n / 2][(n % 2) * 2 + 0] = pack_bf16x2(e[0], e[1]);
-                p_frag[n / 2][(n % 2) * 2 + 1] = pack_bf16x2(e[2], e[3]);
-            }
-            // O += P V: V tiles are [key][dim], read transposed.
-#pragma unroll
-            for (int kk = 0; kk < FA_KEYS / 16; ++kk) {
-#pragma unroll
-                for (int j = 0; j < HEAD_DIM / 16; ++j) {
-                    unsigned int b[4];
-                    const int key = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8;
-                    ldmatrix_x4_trans(v_tile(stage) + tile_offset(key, 2 * j + lane / 16), b);
-                    mma_bf16(out[2 * j], p_frag[kk], b[0], b[1]);
-                    mma_bf16(out[2 * j + 1], p_frag[kk], b[2], b[3]);
-                }
-            }
-        }
-    }
-
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-        const int row = row0 + 8 * h;
-        if (row >= rows) continue;
-        const float inv = 1.f / row_sum[h];
-        bf16* dst = p.out + (size_t)row * Q_DIM + q_head * HEAD_DIM + (lane % 4) * 2;
-#pragma unroll
-        for (int d = 0; d < HEAD_DIM / 8; ++d)
-            *reinterpret_cast<unsigned int*>(dst + d * 8) = pack_bf16x2(out[d][2 * h] * inv, out[d][2 * h + 1] * inv);
-    }
+    attention_block<MmaSync>(p);
 }
 
 }  // namespace qmk

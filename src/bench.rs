@@ -146,7 +146,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     if !prefill_rows.is_empty() {
         println!(
-            "time to first token (prompt ids on the GPU -> batched prefill -> LM head -> token):"
+            "time to first token (prompt ids on the GPU -> batched prefill -> LM head -> token), attention kernel {}:",
+            decoder.device.prefill.attention_name
         );
         println!(
             "{:>14} {:>10} {:>14} {:>9}",

@@ -25,7 +25,7 @@ pub struct Device {
     pub prefill: PrefillKernels,
 }
 
-/// The kernels of batched prefill (kernels/prefill.cu, prefill_attention.cu).
+/// The kernels of batched prefill (kernels/prefill.cu, prefill_attention*.cu).
 pub struct PrefillKernels {
     pub embed: CudaFunction,
     pub rms_norm: CudaFunction,
@@ -33,6 +33,28 @@ pub struct PrefillKernels {
     pub qk_norm_rope: CudaFunction,
     pub silu_mul: CudaFunction,
     pub attention: CudaFunction,
+    /// Which attention kernel `attention` is (for reports).
+    pub attention_name: &'static str,
+}
+
+/// Set to `mma` to run prefill attention on the mma.sync kernel on Hopper
+/// too (comparisons, or a fallback).
+pub const ATTENTION_ENV: &str = "QWEN_MK_PREFILL_ATTENTION";
+
+/// The prefill attention kernel for compute capability `major`: Hopper's
+/// wgmma kernel exists only in the sm_90a code.
+fn attention_kernel_name(major: i32) -> Result<&'static str> {
+    let wgmma = "prefill_attention_wgmma";
+    let mma = "prefill_attention";
+    match std::env::var(ATTENTION_ENV).ok().as_deref() {
+        None | Some("") => Ok(if major == 9 { wgmma } else { mma }),
+        Some("mma") => Ok(mma),
+        Some("wgmma") if major == 9 => Ok(wgmma),
+        Some(other) => bail!(
+            "{ATTENTION_ENV}={other} is not a choice here: use mma{}",
+            if major == 9 { " or wgmma" } else { "" }
+        ),
+    }
 }
 
 impl Device {
@@ -85,14 +107,20 @@ impl Device {
         let lm_head_module = load(embedded::LM_HEAD)?;
         let bench_module = load(embedded::BENCH_KERNELS)?;
         let prefill_module = load(embedded::PREFILL)?;
-        let attention_module = load(embedded::PREFILL_ATTENTION)?;
+        let attention_name = attention_kernel_name(major)?;
+        let attention_module = load(if attention_name == "prefill_attention" {
+            embedded::PREFILL_ATTENTION
+        } else {
+            embedded::PREFILL_ATTENTION_HOPPER
+        })?;
         let prefill = PrefillKernels {
             embed: prefill_module.load_function("prefill_embed")?,
             rms_norm: prefill_module.load_function("prefill_rms_norm")?,
             rope_table: prefill_module.load_function("prefill_rope_table")?,
             qk_norm_rope: prefill_module.load_function("prefill_qk_norm_rope")?,
             silu_mul: prefill_module.load_function("prefill_silu_mul")?,
-            attention: attention_module.load_function("prefill_attention")?,
+            attention: attention_module.load_function(attention_name)?,
+            attention_name,
         };
         Ok(Self {
             decode_step: decode_module.load_function("decode_step")?,
