@@ -41,12 +41,13 @@ pub struct PrefillKernels {
 /// too (comparisons, or a fallback).
 pub const ATTENTION_ENV: &str = "QWEN_MK_PREFILL_ATTENTION";
 
-/// The prefill attention kernel for compute capability `major`: Hopper's
-/// wgmma kernel exists only in the sm_90a code.
-fn attention_kernel_name(major: i32) -> Result<&'static str> {
+/// The prefill attention kernel for compute capability `major`, given the
+/// value of `QWEN_MK_PREFILL_ATTENTION` if set: Hopper's wgmma kernel exists
+/// only in the sm_90a code.
+fn attention_kernel_name(major: i32, choice: Option<&str>) -> Result<&'static str> {
     let wgmma = "prefill_attention_wgmma";
     let mma = "prefill_attention";
-    match std::env::var(ATTENTION_ENV).ok().as_deref() {
+    match choice {
         None | Some("") => Ok(if major == 9 { wgmma } else { mma }),
         Some("mma") => Ok(mma),
         Some("wgmma") if major == 9 => Ok(wgmma),
@@ -107,7 +108,8 @@ impl Device {
         let lm_head_module = load(embedded::LM_HEAD)?;
         let bench_module = load(embedded::BENCH_KERNELS)?;
         let prefill_module = load(embedded::PREFILL)?;
-        let attention_name = attention_kernel_name(major)?;
+        let attention_name =
+            attention_kernel_name(major, std::env::var(ATTENTION_ENV).ok().as_deref())?;
         let attention_module = load(if attention_name == "prefill_attention" {
             embedded::PREFILL_ATTENTION
         } else {
@@ -140,5 +142,42 @@ impl Device {
             sm_count,
             compute_capability,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention_kernel_name;
+
+    #[test]
+    fn hopper_gets_the_wgmma_attention_and_others_mma() {
+        assert_eq!(
+            attention_kernel_name(9, None).unwrap(),
+            "prefill_attention_wgmma"
+        );
+        assert_eq!(
+            attention_kernel_name(12, None).unwrap(),
+            "prefill_attention"
+        );
+        assert_eq!(
+            attention_kernel_name(9, Some("mma")).unwrap(),
+            "prefill_attention"
+        );
+        assert_eq!(
+            attention_kernel_name(9, Some("")).unwrap(),
+            "prefill_attention_wgmma"
+        );
+    }
+
+    #[test]
+    fn an_attention_choice_the_gpu_lacks_is_an_error() {
+        let err = attention_kernel_name(12, Some("wgmma"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("QWEN_MK_PREFILL_ATTENTION=wgmma") && err.contains("use mma"),
+            "{err}"
+        );
+        assert!(attention_kernel_name(9, Some("fast")).is_err());
     }
 }
