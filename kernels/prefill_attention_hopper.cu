@@ -79,7 +79,8 @@ struct Wgmma {
 
     // K tile as B (keys x dims, dims contiguous: K-major). A 16-dim step is
     // 32 bytes into a 128-byte swizzled row; steps 4-7 are in the second
-    // half. 8-key row groups are 1,024 bytes apart.
+    // half. 8-key row groups are 1,024 bytes apart (the stride offset; a
+    // swizzled K-major operand ignores the leading one).
     static __device__ __forceinline__ void scores(ScoreTile& s, const QueryFragments& q, unsigned int k_tile, int) {
         pin_registers(s);
         wgmma_fence();
