@@ -41,20 +41,42 @@ pub struct PrefillKernels {
 /// too (comparisons, or a fallback).
 pub const ATTENTION_ENV: &str = "QWEN_MK_PREFILL_ATTENTION";
 
-/// The prefill attention kernel for compute capability `major`, given the
-/// value of `QWEN_MK_PREFILL_ATTENTION` if set: Hopper's wgmma kernel exists
-/// only in the sm_90a code.
-fn attention_kernel_name(major: i32, choice: Option<&str>) -> Result<&'static str> {
-    let wgmma = "prefill_attention_wgmma";
-    let mma = "prefill_attention";
-    match choice {
-        None | Some("") => Ok(if major == 9 { wgmma } else { mma }),
-        Some("mma") => Ok(mma),
-        Some("wgmma") if major == 9 => Ok(wgmma),
-        Some(other) => bail!(
-            "{ATTENTION_ENV}={other} is not a choice here: use mma{}",
-            if major == 9 { " or wgmma" } else { "" }
-        ),
+/// The two prefill attention kernels: each lives in its own fatbin.
+#[derive(Clone, Copy, Debug)]
+enum AttentionKernel {
+    /// kernels/prefill_attention.cu: every target.
+    MmaSync,
+    /// kernels/prefill_attention_hopper.cu: real code in sm_90a only.
+    Wgmma,
+}
+
+impl AttentionKernel {
+    /// The kernel for compute capability `major`, given the value of
+    /// `QWEN_MK_PREFILL_ATTENTION` if set.
+    fn choose(major: i32, choice: Option<&str>) -> Result<Self> {
+        match choice {
+            None | Some("") if major == 9 => Ok(Self::Wgmma),
+            None | Some("") | Some("mma") => Ok(Self::MmaSync),
+            Some("wgmma") if major == 9 => Ok(Self::Wgmma),
+            Some(other) => bail!(
+                "{ATTENTION_ENV}={other} is not a choice here: use mma{}",
+                if major == 9 { " or wgmma" } else { "" }
+            ),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::MmaSync => "prefill_attention",
+            Self::Wgmma => "prefill_attention_wgmma",
+        }
+    }
+
+    fn image(self) -> &'static [u8] {
+        match self {
+            Self::MmaSync => embedded::PREFILL_ATTENTION,
+            Self::Wgmma => embedded::PREFILL_ATTENTION_HOPPER,
+        }
     }
 }
 
@@ -108,21 +130,17 @@ impl Device {
         let lm_head_module = load(embedded::LM_HEAD)?;
         let bench_module = load(embedded::BENCH_KERNELS)?;
         let prefill_module = load(embedded::PREFILL)?;
-        let attention_name =
-            attention_kernel_name(major, std::env::var(ATTENTION_ENV).ok().as_deref())?;
-        let attention_module = load(if attention_name == "prefill_attention" {
-            embedded::PREFILL_ATTENTION
-        } else {
-            embedded::PREFILL_ATTENTION_HOPPER
-        })?;
+        let attention =
+            AttentionKernel::choose(major, std::env::var(ATTENTION_ENV).ok().as_deref())?;
+        let attention_module = load(attention.image())?;
         let prefill = PrefillKernels {
             embed: prefill_module.load_function("prefill_embed")?,
             rms_norm: prefill_module.load_function("prefill_rms_norm")?,
             rope_table: prefill_module.load_function("prefill_rope_table")?,
             qk_norm_rope: prefill_module.load_function("prefill_qk_norm_rope")?,
             silu_mul: prefill_module.load_function("prefill_silu_mul")?,
-            attention: attention_module.load_function(attention_name)?,
-            attention_name,
+            attention: attention_module.load_function(attention.name())?,
+            attention_name: attention.name(),
         };
         Ok(Self {
             decode_step: decode_module.load_function("decode_step")?,
@@ -147,37 +165,29 @@ impl Device {
 
 #[cfg(test)]
 mod tests {
-    use super::attention_kernel_name;
+    use super::AttentionKernel;
+
+    fn name(major: i32, choice: Option<&str>) -> &'static str {
+        AttentionKernel::choose(major, choice).unwrap().name()
+    }
 
     #[test]
     fn hopper_gets_the_wgmma_attention_and_others_mma() {
-        assert_eq!(
-            attention_kernel_name(9, None).unwrap(),
-            "prefill_attention_wgmma"
-        );
-        assert_eq!(
-            attention_kernel_name(12, None).unwrap(),
-            "prefill_attention"
-        );
-        assert_eq!(
-            attention_kernel_name(9, Some("mma")).unwrap(),
-            "prefill_attention"
-        );
-        assert_eq!(
-            attention_kernel_name(9, Some("")).unwrap(),
-            "prefill_attention_wgmma"
-        );
+        assert_eq!(name(9, None), "prefill_attention_wgmma");
+        assert_eq!(name(12, None), "prefill_attention");
+        assert_eq!(name(9, Some("mma")), "prefill_attention");
+        assert_eq!(name(9, Some("")), "prefill_attention_wgmma");
     }
 
     #[test]
     fn an_attention_choice_the_gpu_lacks_is_an_error() {
-        let err = attention_kernel_name(12, Some("wgmma"))
+        let err = AttentionKernel::choose(12, Some("wgmma"))
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("QWEN_MK_PREFILL_ATTENTION=wgmma") && err.contains("use mma"),
             "{err}"
         );
-        assert!(attention_kernel_name(9, Some("fast")).is_err());
+        assert!(AttentionKernel::choose(9, Some("fast")).is_err());
     }
 }
