@@ -107,16 +107,22 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block; `scratch` holds one float per warp. Every thread
-// gets the result.
-template <int THREADS>
+// The barrier of the threads taking part in a block-wide step: all of them
+// by default; the decode kernel passes its consumer warps' named barrier.
+struct BlockSync {
+    __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+// Sum over the first THREADS threads of the block; `scratch` holds one float
+// per warp. Every one of them gets the result.
+template <int THREADS, typename Sync = BlockSync>
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     constexpr int WARPS = THREADS / WARP;
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     v = warp_sum(v);
-    __syncthreads();  // scratch may still be read by a previous reduction
+    Sync{}();  // scratch may still be read by a previous reduction
     if (lane == 0) scratch[warp] = v;
-    __syncthreads();
+    Sync{}();
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) total += scratch[w];
@@ -132,40 +138,70 @@ __device__ __forceinline__ void split_range(int total, int part, int parts, int&
 
 // RMSNorm of `n` floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
 // `x` is either f32 (written in this launch: coherent loads) or a bf16 row.
-template <int THREADS, int N>
+// Every load is issued before the first use: one round trip to memory, not
+// one for x and another for the weight.
+template <int THREADS, int N, typename Sync = BlockSync>
 __device__ __forceinline__ void rms_norm_to_shared(const float* x_f32, const bf16* x_bf16, const bf16* weight,
                                                    float eps, float* out, float* scratch) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < N; i += THREADS) {
-        const float v = x_f32 ? load_coherent(x_f32 + i) : bf16_to_f32(x_bf16[i]);
-        out[i] = v;
-        ss = fmaf(v, v, ss);
+    constexpr int PER_THREAD = (N + THREADS - 1) / THREADS;
+    float v[PER_THREAD], w[PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        v[k] = w[k] = 0.f;
+        if (i < N) {
+            v[k] = x_f32 ? load_coherent(x_f32 + i) : bf16_to_f32(x_bf16[i]);
+            w[k] = bf16_to_f32(weight[i]);
+        }
     }
-    const float inv_rms = rsqrtf(block_sum<THREADS>(ss, scratch) / N + eps);
-    for (int i = threadIdx.x; i < N; i += THREADS) out[i] = out[i] * inv_rms * bf16_to_f32(weight[i]);
-    __syncthreads();
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) ss = fmaf(v[k], v[k], ss);
+    const float inv_rms = rsqrtf(block_sum<THREADS, Sync>(ss, scratch) / N + eps);
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < N) out[i] = v[k] * inv_rms * w[k];
+    }
+    Sync{}();
 }
 
 // ---- q/k norm and RoPE ---------------------------------------------------------
 
 // A head as a warp holds it: 4 values a lane, dims lane + 32 i.
 
-// RMSNorm over one head.
-__device__ __forceinline__ void rms_norm_head(float (&v)[4], const bf16* norm_weight, float eps) {
-    const int lane = threadIdx.x % WARP;
+// RMSNorm over one head, with this lane's weights (dims lane + 32 i).
+__device__ __forceinline__ void rms_norm_head(float (&v)[4], const float (&weight)[4], float eps) {
     const float ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
     const float inv_rms = rsqrtf(ss / HEAD_DIM + eps);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * bf16_to_f32(norm_weight[lane + 32 * i]);
+    for (int i = 0; i < 4; ++i) v[i] = v[i] * inv_rms * weight[i];
+}
+
+__device__ __forceinline__ void load_head_weights(const bf16* norm_weight, float (&weight)[4]) {
+    const int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) weight[i] = bf16_to_f32(norm_weight[lane + 32 * i]);
+}
+
+__device__ __forceinline__ void rms_norm_head(float (&v)[4], const bf16* norm_weight, float eps) {
+    float weight[4];
+    load_head_weights(norm_weight, weight);
+    rms_norm_head(v, weight, eps);
 }
 
 // cos and sin of the RoPE angles of this lane's two frequencies (lane and
 // lane + 32) at `pos`: the same f32 product as transformers, position times
 // inverse frequency.
-__device__ __forceinline__ void rope_angles(const float* inv_freq, float pos, float (&c)[2], float (&s)[2]) {
+__device__ __forceinline__ void rope_angles(const float (&freq)[2], float pos, float (&c)[2], float (&s)[2]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) sincosf(pos * freq[i], &s[i], &c[i]);
+}
+
+__device__ __forceinline__ void load_rope_freqs(const float* inv_freq, float (&freq)[2]) {
     const int lane = threadIdx.x % WARP;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) sincosf(pos * inv_freq[lane + 32 * i], &s[i], &c[i]);
+    for (int i = 0; i < 2; ++i) freq[i] = inv_freq[lane + 32 * i];
 }
 
 // RoPE in the rotate-half form: dim d pairs with d + 64.
@@ -178,11 +214,16 @@ __device__ __forceinline__ void rotate_head(float (&v)[4], const float (&c)[2], 
     }
 }
 
+// q/k norm and RoPE of a head just loaded: the norm weights and frequencies
+// are loaded first, so their loads travel with the head's.
 __device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
                                                float pos, float eps) {
-    rms_norm_head(v, norm_weight, eps);
+    float weight[4], freq[2];
+    load_head_weights(norm_weight, weight);
+    load_rope_freqs(inv_freq, freq);
+    rms_norm_head(v, weight, eps);
     float c[2], s[2];
-    rope_angles(inv_freq, pos, c, s);
+    rope_angles(freq, pos, c, s);
     rotate_head(v, c, s);
 }
 

@@ -14,25 +14,38 @@
 // (lm_head.cu). The residual stream and all activations stay in f32; weights
 // and the KV cache are bf16.
 //
-// Weights never depend on activations, so they are fetched ahead of use:
-// before the barrier that ends a layer every warp issues the loads of its
-// first QKV rows of the next layer (registers), and each block's O rows and
-// down rows stream into shared memory by bulk async copy during attention
-// and during gate/up (WeightStage). Holding register tiles across the other
-// barriers pushed the kernel past 128 registers and into local memory, which
-// measured slower; so did copying both O and down during attention
-// (RESULTS.md).
+// A block is one producer warp and CONSUMER_WARPS consumer warps. The
+// producer streams the block's weight rows of every phase into a ring of
+// shared-memory slots (decode_weight_ring.cuh), running ahead through
+// attention and the barriers; the consumers run the phases above and read
+// their rows from the ring. Consumers synchronise among themselves with a
+// named barrier, never with __syncthreads, which would wait for the producer.
 #include <cuda/atomic>
 
 #include "common.cuh"
+#include "decode_weight_ring.cuh"
 
 namespace qmk {
 
 constexpr int THREADS = QMK_DECODE_THREADS;
 constexpr int WARPS = THREADS / WARP;
+constexpr int CONSUMER_WARPS = WARPS - 1;
+constexpr int CONSUMERS = CONSUMER_WARPS * WARP;
+constexpr int PRODUCER_WARP = WARPS - 1;
 constexpr int ATTN_MAX_CHUNK = QMK_ATTN_MAX_CHUNK;
+// Rows of the residual stream a block owns, at most (the host checks the
+// grid: HIDDEN / blocks, rounded up, must not exceed it).
+constexpr int RESIDUAL_MAX_ROWS = QMK_DECODE_RESIDUAL_MAX_ROWS;
 // Shorter chunks would cost more in merging than they save in parallelism.
 constexpr int ATTN_MIN_CHUNK = 128;
+
+// The consumer warps' barrier (named barrier 1; 0 is __syncthreads').
+struct ConsumerSync {
+    __device__ __forceinline__ void operator()() const {
+        asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory");
+    }
+};
+__device__ __forceinline__ void consumer_sync() { ConsumerSync{}(); }
 
 struct DecodeParams {
     const bf16* layers;          // NUM_LAYERS x QMK_LAYER_STRIDE, packed (src/gpu/weights.rs)
@@ -52,13 +65,15 @@ struct DecodeParams {
     unsigned int context;        // positions the KV cache holds
     unsigned int max_chunks;     // attention chunks the partials buffer holds per head
     float eps;                   // RMSNorm epsilon
+    unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
+    unsigned int ring_in_flight; // copies the producer keeps outstanding (<= ring_slots)
     unsigned long long* phase_times;  // null, or 1 + 5 * NUM_LAYERS timestamps (bench --profile)
 };
 
 struct AttentionShared {
     float q[GQA_GROUP][HEAD_DIM];
     float scores[GQA_GROUP][ATTN_MAX_CHUNK];
-    float pv[WARPS][GQA_GROUP * HEAD_DIM];
+    float pv[CONSUMER_WARPS][GQA_GROUP * HEAD_DIM];
     float max[GQA_GROUP], sum[GQA_GROUP];  // softmax statistics of the chunk
     int is_last;
 };
@@ -84,7 +99,7 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 // arrival, when at most gridDim.x - 1 arrivals of this launch can be in it,
 // and rounds down to find the launch's base: no reset at kernel start, and
 // nothing that a previous launch leaves can shift a target. The host zeroes
-// the count whenever it starts a sequence.
+// the count whenever it starts a sequence. Only the consumer warps take part.
 struct GridBarrier {
     static constexpr unsigned long long BARRIERS_PER_LAUNCH = 5 * NUM_LAYERS - 1;
     unsigned long long* count;
@@ -99,16 +114,16 @@ struct GridBarrier {
 
     __device__ void sync() {
         // The release add publishes this block's writes (ordered before it by
-        // the __syncthreads); the acquire spin makes every block's visible to
-        // thread 0, and the second __syncthreads passes that on to the block.
-        __syncthreads();
+        // the consumer barrier); the acquire spin makes every block's visible
+        // to thread 0, and the second consumer barrier passes that on.
+        consumer_sync();
         if (threadIdx.x == 0) {
             asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
             target += gridDim.x;
             while (load_acquire(count) < target) {
             }
         }
-        __syncthreads();
+        consumer_sync();
     }
 
     static __device__ unsigned long long load_acquire(const unsigned long long* p) {
@@ -118,154 +133,62 @@ struct GridBarrier {
     }
 };
 
-// R weight rows of K bf16 as one warp holds them: each lane a 16-byte slice
-// of every row per 256 columns. Loading is separate from using, so a tile
-// can be loaded before a barrier and used after it.
-template <int K, int R>
-struct WeightTile {
-    static constexpr int SLICES = K / (8 * WARP);
-    uint4 w[R][SLICES];
-
-    // From global memory, or (FROM_SHARED) from rows staged in shared memory.
-    template <bool FROM_SHARED = false, typename Rows>
-    __device__ __forceinline__ void load(Rows rows, int unit) {
-        const int lane = threadIdx.x % WARP;
+// Dot product of a bf16 row of K (in shared memory) with `vec` (K floats in
+// shared memory), summed over the warp: every lane gets it.
+template <int K>
+__device__ __forceinline__ float row_dot(const unsigned char* row, const float* vec) {
+    const int lane = threadIdx.x % WARP;
+    const bf16* w = reinterpret_cast<const bf16*>(row);
+    float acc = 0.f;
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const bf16* src = rows(unit, r);
-#pragma unroll
-            for (int s = 0; s < SLICES; ++s) {
-                const bf16* at = src + (s * WARP + lane) * 8;
-                w[r][s] = FROM_SHARED ? *reinterpret_cast<const uint4*>(at) : load_weights16(at);
-            }
-        }
+    for (int s = 0; s < K / (8 * WARP); ++s) {
+        const int at = (s * WARP + lane) * 8;
+        acc = dot8(*reinterpret_cast<const uint4*>(w + at), vec + at, acc);
     }
-
-    // The R dot products with `vec` (K floats in shared memory), in every lane.
-    __device__ __forceinline__ void dot(const float* vec, float (&out)[R]) const {
-        const int lane = threadIdx.x % WARP;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float acc = 0.f;
-#pragma unroll
-            for (int s = 0; s < SLICES; ++s) acc = dot8(w[r][s], vec + (s * WARP + lane) * 8, acc);
-            out[r] = warp_sum(acc);
-        }
-    }
-};
-
-// A projection phase is `units` work units of R rows each (`rows(unit, r)`
-// points at them). A block owns a contiguous range of units; its warps take
-// them in turn, starting at begin + warp.
-template <int K, int R, typename Rows>
-__device__ __forceinline__ void preload_first_unit(WeightTile<K, R>& tile, int units, Rows rows) {
-    int begin, end;
-    split_range(units, blockIdx.x, gridDim.x, begin, end);
-    const int unit = begin + (int)threadIdx.x / WARP;
-    if (unit < end) tile.load(rows, unit);
+    return warp_sum(acc);
 }
 
-// Runs the block's units, each warp's first from `tile` when `preloaded`.
-// `store(unit, y)` runs on lane 0.
-template <int K, int R, typename Rows, typename Store>
-__device__ __forceinline__ void project(WeightTile<K, R>& tile, bool preloaded, int units, Rows rows,
-                                        const float* vec, Store store) {
+// A projection phase: the block's units of projection P, read from the
+// ring, dotted with `vec`; consumer warps take units in turn. `store(unit,
+// y)` runs on lane 0 with the unit's one (or, gate/up, two) results.
+template <int P, typename Store>
+__device__ __forceinline__ void project(const WeightRing& ring, int layer, const float* vec, Store store) {
+    using S = Streamed<P>;
+    using L = SlotLayout<P>;
     int begin, end;
-    split_range(units, blockIdx.x, gridDim.x, begin, end);
-    const int first = begin + (int)threadIdx.x / WARP;
-    for (int unit = first; unit < end; unit += WARPS) {
-        if (!preloaded || unit != first) tile.load(rows, unit);
-        float y[R];
-        tile.dot(vec, y);
-        if (threadIdx.x % WARP == 0) store(unit, y);
+    WeightRing::block_units<P>(begin, end);
+    const int warp = threadIdx.x / WARP;
+    for (int u = warp; u < end - begin; u += CONSUMER_WARPS) {
+        const int index = ring.slot_of<P>(layer, u);
+        const unsigned char* row = ring.wait_full(index) + (u % L::PER_SLOT) * L::ROW_BYTES;
+        float y[L::PAIRED ? 2 : 1];
+        y[0] = row_dot<S::K>(row, vec);
+        if constexpr (L::PAIRED) y[1] = row_dot<S::K>(row + L::PAIRED_OFFSET, vec);
+        __syncwarp();  // every lane has read the rows
+        if (threadIdx.x % WARP == 0) {
+            ring.release(index, L::UNIT_UNITS);
+            store(begin + u, y);
+        }
     }
 }
 
-// A block's first rows of the next projection, copied into shared memory by
-// the bulk-copy engine: one thread issues the copy, completion arrives on an
-// mbarrier, and the block does other work meanwhile (the O rows stream in
-// during attention, the down rows during gate/up). No registers are held.
-struct WeightStage {
-    bf16* buffer;              // QMK_STAGE_BYTES of dynamic shared memory
-    unsigned long long* mbar;  // in shared memory
-    unsigned int parity = 0;   // the phase the next wait waits for
-
-    __device__ WeightStage(unsigned char* dynamic_smem, unsigned long long* barrier_word)
-        : buffer(reinterpret_cast<bf16*>(dynamic_smem)), mbar(barrier_word) {
-        if (threadIdx.x == 0) {
-            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(mbar)) : "memory");
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        }
-        __syncthreads();
-    }
-
-    // Starts copying this block's share of W (rows x K, as block_rows splits
-    // it), as many rows as fit; returns how many (the same in every thread).
-    template <int K>
-    __device__ int start(const bf16* W, int rows) {
-        int begin, end;
-        split_range(rows, blockIdx.x, gridDim.x, begin, end);
-        const int staged = min(end - begin, (int)(QMK_STAGE_BYTES / (K * sizeof(bf16))));
-        if (threadIdx.x == 0 && staged > 0) {
-            const unsigned int bytes = staged * K * sizeof(bf16);
-            // Earlier generic reads of the buffer come before the async write.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(mbar)), "r"(bytes)
-                         : "memory");
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                    smem_addr(buffer)),
-                "l"(W + (size_t)begin * K), "r"(bytes), "r"(smem_addr(mbar))
-                : "memory");
-        }
-        return staged;
-    }
-
-    // Waits for the copy `start` issued (call only when it staged rows).
-    __device__ void wait() {
-        asm volatile(
-            "{\n"
-            ".reg .pred done;\n"
-            "WAIT_%=:\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-            "@!done bra WAIT_%=;\n"
-            "}\n" ::"r"(smem_addr(mbar)),
-            "r"(parity)
-            : "memory");
-        parity ^= 1;
-    }
-
-    static __device__ unsigned int smem_addr(const void* p) {
-        return (unsigned int)__cvta_generic_to_shared(p);
-    }
-};
-
-// `project` for R = 1 phases whose first `staged` rows of the block are in
-// `stage` (row-major); the rest come from global memory.
-template <int K, typename Rows, typename Store>
-__device__ __forceinline__ void project_staged(int units, Rows rows, const bf16* stage, int staged,
-                                               const float* vec, Store store) {
-    int begin, end;
-    split_range(units, blockIdx.x, gridDim.x, begin, end);
-    auto staged_rows = [stage, begin](int unit, int) { return stage + (size_t)(unit - begin) * K; };
-    WeightTile<K, 1> tile;
-    for (int unit = begin + (int)threadIdx.x / WARP; unit < end; unit += WARPS) {
-        if (unit - begin < staged)
-            tile.template load<true>(staged_rows, unit);
-        else
-            tile.load(rows, unit);
-        float y[1];
-        tile.dot(vec, y);
-        if (threadIdx.x % WARP == 0) store(unit, y);
-    }
-}
-
-// Copy `n` floats written in this launch into shared memory.
+// Copy N floats written in this launch into shared memory: all loads first,
+// so they take one round trip.
 template <int N>
 __device__ __forceinline__ void load_vec_to_shared(const float* src, float* dst) {
-    for (int i = threadIdx.x * 4; i < N; i += THREADS * 4)
-        *reinterpret_cast<float4*>(dst + i) = __ldcg(reinterpret_cast<const float4*>(src + i));
-    __syncthreads();
+    constexpr int PER_THREAD = (N / 4 + CONSUMERS - 1) / CONSUMERS;
+    float4 v[PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = (threadIdx.x + k * CONSUMERS) * 4;
+        if (i < N) v[k] = __ldcg(reinterpret_cast<const float4*>(src + i));
+    }
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = (threadIdx.x + k * CONSUMERS) * 4;
+        if (i < N) *reinterpret_cast<float4*>(dst + i) = v[k];
+    }
+    consumer_sync();
 }
 
 // ---- phase B: attention --------------------------------------------------------
@@ -303,7 +226,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
             for (int i = 0; i < 4; ++i) dst[lane + 32 * i] = __float2bfloat16(v[i]);
         }
     }
-    __syncthreads();  // also orders this block's cache append before the reads below
+    consumer_sync();  // also orders this block's cache append before the reads below
 
     // Scores: eight lanes per key, 16 dims a lane.
     const float scale = rsqrtf((float)HEAD_DIM);
@@ -319,7 +242,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
         // need every lane, so a group past the end computes on a clamped key
         // and discards it.
 #pragma unroll 2
-        for (int base = begin + warp * 4; base < end; base += WARPS * 4) {
+        for (int base = begin + warp * 4; base < end; base += CONSUMER_WARPS * 4) {
             const int t = base + group;
             const bf16* key = k_cache + (size_t)min(t, end - 1) * HEAD_DIM + sub * 16;
             float k[16];
@@ -342,7 +265,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
             }
         }
     }
-    __syncthreads();
+    consumer_sync();
 
     // Softmax numerators over the chunk: one warp per query head.
     const int len = end - begin;
@@ -363,14 +286,14 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
             sm.sum[warp] = l;
         }
     }
-    __syncthreads();
+    consumer_sync();
 
     // P.V: half a warp per key, 8 dims a lane.
     {
         const int half = lane / 16, dl = lane % 16;
         float acc[GQA_GROUP][8] = {};
 #pragma unroll 4
-        for (int t = begin + warp * 2 + half; t < end; t += WARPS * 2) {
+        for (int t = begin + warp * 2 + half; t < end; t += CONSUMER_WARPS * 2) {
             float v[8];
             unpack8(load_coherent16(v_cache + (size_t)t * HEAD_DIM + dl * 8), v);
             const float pa = sm.scores[0][t - begin], pb = sm.scores[1][t - begin];
@@ -391,14 +314,14 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
                 for (int d = 0; d < 8; ++d) sm.pv[warp][h * HEAD_DIM + dl * 8 + d] = acc[h][d];
         }
     }
-    __syncthreads();
+    consumer_sync();
 
     // A single chunk is the whole answer; otherwise leave the unnormalised
     // output with its max and sum for the merge.
     if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
         float out = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) out += sm.pv[w][threadIdx.x];
+        for (int w = 0; w < CONSUMER_WARPS; ++w) out += sm.pv[w][threadIdx.x];
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         const int q_head = kv_head * GQA_GROUP + h;
         if (single_chunk) {
@@ -416,14 +339,14 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
 
 // The block that finishes a KV head's last chunk merges all its chunks.
 // As in GridBarrier, the acq_rel count publishes this block's partials (ordered
-// by the __syncthreads before it) and, for the last block, acquires everyone's.
+// by the consumer barrier before it) and, for the last block, acquires everyone's.
 __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, AttentionShared& sm) {
-    __syncthreads();
+    consumer_sync();
     if (threadIdx.x == 0) {
         cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(p.attn_counters[kv_head]);
         sm.is_last = done.fetch_add(1, cuda::memory_order_acq_rel) == (unsigned int)n_chunks - 1;
     }
-    __syncthreads();
+    consumer_sync();
     if (!sm.is_last) return;
     if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
@@ -455,7 +378,7 @@ __device__ void attention_phase(const DecodeParams& p, int layer, int pos, Atten
         const int begin = chunk * chunk_len, end = min(n_keys, begin + chunk_len);
         attention_chunk(p, layer, pos, kv_head, chunk, begin, end, n_chunks == 1, sm);
         if (n_chunks > 1) merge_if_last(p, kv_head, n_chunks, sm);
-        __syncthreads();  // shared memory is reused by the next task
+        consumer_sync();  // shared memory is reused by the next task
     }
 }
 
@@ -473,78 +396,61 @@ __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int index) {
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
     __shared__ __align__(16) SharedStorage sm;
-    __shared__ float scratch[WARPS];
-    __shared__ unsigned long long stage_barrier;
-    extern __shared__ __align__(128) unsigned char dynamic_smem[];
+    __shared__ float scratch[CONSUMER_WARPS];
+    __shared__ unsigned long long ring_barriers[2 * RING_MAX_SLOTS];
+    __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
+    extern __shared__ __align__(128) unsigned char ring_storage[];
 
     const DecodeState* state = p.state;
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
+
+    WeightRing ring(ring_storage, ring_barriers, (int)p.ring_slots);
+    if (threadIdx.x / WARP == PRODUCER_WARP) {
+        if (threadIdx.x % WARP == 0) ring.produce(p.layers, (int)p.ring_in_flight);
+        return;
+    }
+
     const int pos = (int)state->pos;
     const bf16* embedding = p.embed + (size_t)p.tokens[pos] * HIDDEN;
-
-    // Where each projection's rows are, per layer. QKV and gate/up take two
-    // rows per unit: two QKV rows, or the gate and up rows of one neuron.
-    auto qkv_rows = [&](int layer) {
-        const bf16* w = layer_weights(p, layer, QMK_OFF_QKV);
-        return [w](int unit, int r) { return w + (size_t)(2 * unit + r) * HIDDEN; };
-    };
-    auto o_rows = [&](int layer) {
-        const bf16* w = layer_weights(p, layer, QMK_OFF_O);
-        return [w](int unit, int) { return w + (size_t)unit * Q_DIM; };
-    };
-    auto gate_up_rows = [&](int layer) {
-        const bf16* gate = layer_weights(p, layer, QMK_OFF_GATE);
-        const bf16* up = layer_weights(p, layer, QMK_OFF_UP);
-        return [gate, up](int unit, int r) { return (r == 0 ? gate : up) + (size_t)unit * HIDDEN; };
-    };
-    auto down_rows = [&](int layer) {
-        const bf16* w = layer_weights(p, layer, QMK_OFF_DOWN);
-        return [w](int unit, int) { return w + (size_t)unit * INTERMEDIATE; };
-    };
-
-    WeightTile<HIDDEN, 2> qkv_tile;
-    preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(0));
+    // The O and the down projections split the rows of x alike, so the rows
+    // a block adds to in E are the ones it wrote in C: it keeps them in
+    // shared memory instead of reading them back.
+    static_assert(Streamed<O_PROJ>::UNITS == HIDDEN && Streamed<DOWN_PROJ>::UNITS == HIDDEN, "");
+    int own_begin, own_end;
+    WeightRing::block_units<O_PROJ>(own_begin, own_end);
     stamp_phase(p, 0);
     GridBarrier barrier(p.barrier);
-    WeightStage stage(dynamic_smem, &stage_barrier);
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
         const bool first = layer == 0;
 
         // A: RMSNorm + QKV projection.
-        rms_norm_to_shared<THREADS, HIDDEN>(first ? nullptr : p.x, embedding,
-                                            layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
-        project(qkv_tile, true, QKV_ROWS / 2, qkv_rows(layer), sm.vec, [&](int unit, const float (&y)[2]) {
-            p.qkv[2 * unit] = y[0];
-            p.qkv[2 * unit + 1] = y[1];
-        });
+        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(
+            first ? nullptr : p.x, embedding, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
+        project<QKV_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) { p.qkv[row] = y[0]; });
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 0);
 
-        // B: attention, while the block's O rows stream into shared memory.
-        const int o_staged = stage.start<Q_DIM>(layer_weights(p, layer, QMK_OFF_O), HIDDEN);
+        // B: attention (the producer streams the next phases' rows meanwhile).
         attention_phase(p, layer, pos, sm.attn);
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 1);
 
         // C: O projection + residual.
         load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
-        if (o_staged > 0) stage.wait();
-        project_staged<Q_DIM>(HIDDEN, o_rows(layer), stage.buffer, o_staged, sm.vec,
-                              [&](int row, const float (&y)[1]) {
-                                  const float residual = first ? bf16_to_f32(embedding[row]) : load_coherent(p.x + row);
-                                  p.x[row] = residual + y[0];
-                              });
+        project<O_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) {
+            float& x = residual[row - own_begin];
+            x = (first ? bf16_to_f32(embedding[row]) : x) + y[0];
+            p.x[row] = x;
+        });
         barrier.sync();
         stamp_phase(p, 1 + layer * 5 + 2);
 
-        // D: RMSNorm + gate/up + SiLU, while the down rows stream in.
-        const int down_staged = stage.start<INTERMEDIATE>(layer_weights(p, layer, QMK_OFF_DOWN), HIDDEN);
-        rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps,
-                                            sm.vec, scratch);
-        WeightTile<HIDDEN, 2> gate_up_tile;
-        project(gate_up_tile, false, INTERMEDIATE, gate_up_rows(layer), sm.vec, [&](int j, const float (&gu)[2]) {
+        // D: RMSNorm + gate/up + SiLU.
+        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(
+            p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
+        project<GATE_UP_PROJ>(ring, layer, sm.vec, [&](int j, const float (&gu)[2]) {
             p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
         });
         barrier.sync();
@@ -552,13 +458,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // E: down projection + residual.
         load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
-        if (down_staged > 0) stage.wait();
-        project_staged<INTERMEDIATE>(HIDDEN, down_rows(layer), stage.buffer, down_staged, sm.vec,
-                                     [&](int row, const float (&y)[1]) { p.x[row] = load_coherent(p.x + row) + y[0]; });
-        if (layer + 1 < NUM_LAYERS) {  // the launch's end orders the last layer
-            preload_first_unit(qkv_tile, QKV_ROWS / 2, qkv_rows(layer + 1));
-            barrier.sync();
-        }
+        project<DOWN_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) {
+            float& x = residual[row - own_begin];
+            x += y[0];
+            p.x[row] = x;
+        });
+        if (layer + 1 < NUM_LAYERS) barrier.sync();  // the launch's end orders the last layer
         stamp_phase(p, 1 + layer * 5 + 4);
     }
 }

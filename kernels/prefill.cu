@@ -68,8 +68,9 @@ extern "C" __global__ void __launch_bounds__(NORM_ROWS_PER_BLOCK * WARP)
 extern "C" __global__ void __launch_bounds__(WARP)
     prefill_rope_table(const float* inv_freq, unsigned int start_pos, float2* table) {
     const int row = blockIdx.x, lane = threadIdx.x;
-    float c[2], s[2];
-    rope_angles(inv_freq, (float)(start_pos + row), c, s);
+    float freq[2], c[2], s[2];
+    load_rope_freqs(inv_freq, freq);
+    rope_angles(freq, (float)(start_pos + row), c, s);
 #pragma unroll
     for (int i = 0; i < 2; ++i) table[row * (HEAD_DIM / 2) + lane + 32 * i] = make_float2(c[i], s[i]);
 }

@@ -45,15 +45,27 @@ pub mod layer_layout {
 pub const DECODE_THREADS: usize = 512;
 /// Threads per block of the LM-head kernel.
 pub const LM_HEAD_THREADS: usize = 512;
+/// Rows of the residual stream one decode block keeps in shared memory, at
+/// most: HIDDEN / 128, so the decode kernel needs a GPU of at least 8 SMs.
+pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 /// Longest run of cached positions one attention task scores at once; it
 /// bounds the shared memory the attention phase needs.
 pub const ATTN_MAX_CHUNK: usize = 2048;
 
-/// Dynamic shared memory of a decode block for weight rows copied ahead of
-/// use (the O rows during attention, the down rows during gate/up). With the
-/// kernel's 34 KB of static shared memory it stays under the RTX 5090's
-/// 99 KB per block.
-pub const STAGE_BYTES: usize = 48 * 1024;
+/// The decode kernel's weight ring (kernels/decode_weight_ring.cuh): slots
+/// of 12 KB (six 2 KB rows of K = HIDDEN), as many as the GPU's shared
+/// memory per block holds beside the kernel's static 33 KB, up to 16 (192 KB
+/// on Hopper; 5 on an RTX 5090, whose blocks get 99 KB).
+pub const RING_SLOT_BYTES: usize = 12 * 1024;
+pub const RING_MAX_SLOTS: usize = 16;
+/// Fewest slots the kernel is run with: the ring must hold slots being read
+/// while others are copied.
+pub const RING_MIN_SLOTS: usize = 3;
+/// Slot copies the producer keeps in flight: one. More streams faster but
+/// delays every latency-bound load of the consumers; on the H100 one 12 KB
+/// copy at a time measured 0.745 ms per token, two 0.809, three 0.845, four
+/// 0.875, one 24 KB copy 0.804 (RESULTS.md).
+pub const RING_IN_FLIGHT: usize = 1;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
 /// chunks of this many, which bounds prefill's activation memory (about
@@ -87,6 +99,8 @@ const _: () = assert!(NUM_Q_HEADS == 2 * NUM_KV_HEADS);
 const _: () = assert!(PREFILL_ATTN_THREADS / 32 == 2 * PREFILL_ATTN_QUERIES / 16);
 const _: () = assert!(PREFILL_ATTN_KEYS.is_multiple_of(16));
 const _: () = assert!(PREFILL_ROW_THREADS * 8 == HIDDEN);
+const _: () = assert!(RING_MIN_SLOTS >= RING_IN_FLIGHT && RING_MAX_SLOTS >= RING_MIN_SLOTS);
+const _: () = assert!(RING_SLOT_BYTES.is_multiple_of(2 * HIDDEN));
 
 /// The macros nvcc receives, in `-DNAME=VALUE` form.
 pub const KERNEL_DEFINES: &[(&str, usize)] = &[
@@ -99,7 +113,9 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_DECODE_THREADS", DECODE_THREADS),
     ("QMK_LM_HEAD_THREADS", LM_HEAD_THREADS),
     ("QMK_ATTN_MAX_CHUNK", ATTN_MAX_CHUNK),
-    ("QMK_STAGE_BYTES", STAGE_BYTES),
+    ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
+    ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
+    ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
     (
         "QMK_PREFILL_NORM_ROWS_PER_BLOCK",
@@ -162,7 +178,8 @@ mod tests {
             "QMK_HIDDEN",
             "QMK_OFF_QKV",
             "QMK_LAYER_STRIDE",
-            "QMK_STAGE_BYTES",
+            "QMK_RING_SLOT_BYTES",
+            "QMK_RING_MAX_SLOTS",
         ] {
             assert!(
                 KERNEL_DEFINES.iter().any(|(n, _)| *n == name),

@@ -26,8 +26,9 @@ use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
-    ATTN_MAX_CHUNK, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS, NUM_KV_HEADS,
-    NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM, STAGE_BYTES,
+    ATTN_MAX_CHUNK, DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE,
+    LM_HEAD_THREADS, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK,
+    QKV_ROWS, Q_DIM, RING_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOT_BYTES,
 };
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
@@ -64,6 +65,8 @@ struct DecodeParams {
     context: u32,
     max_chunks: u32,
     eps: f32,
+    ring_slots: u32,
+    ring_in_flight: u32,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -158,6 +161,40 @@ fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 /// Bytes of KV cache per cached position.
 pub const KV_BYTES_PER_POSITION: usize = 2 * NUM_LAYERS * NUM_KV_HEADS * HEAD_DIM * 2;
 
+/// Weight-ring slots of the decode kernel on this GPU: as many as fit the
+/// shared memory a block may opt into, beside the kernel's static shared
+/// memory, up to RING_MAX_SLOTS.
+fn ring_slots(device: &Device) -> Result<usize> {
+    let opt_in = device
+        .ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+        as usize;
+    let fixed = device.decode_step.shared_size_bytes()? as usize;
+    let slots = (opt_in.saturating_sub(fixed) / RING_SLOT_BYTES).min(RING_MAX_SLOTS);
+    if slots < RING_MIN_SLOTS {
+        bail!(
+            "{} gives a block {opt_in} bytes of shared memory; the decode kernel needs {}",
+            device.name,
+            fixed + RING_MIN_SLOTS * RING_SLOT_BYTES
+        );
+    }
+    Ok(slots)
+}
+
+/// Slot copies the decode kernel's producer keeps in flight:
+/// `QWEN_MK_DECODE_IN_FLIGHT` (1 to the ring's slots) when set, for tuning.
+fn ring_in_flight(ring_slots: usize) -> Result<usize> {
+    match std::env::var("QWEN_MK_DECODE_IN_FLIGHT") {
+        Err(_) => Ok(RING_IN_FLIGHT),
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if (1..=ring_slots).contains(&n) => Ok(n),
+            _ => bail!(
+                "QWEN_MK_DECODE_IN_FLIGHT={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
+            ),
+        },
+    }
+}
+
 impl GpuDecoder {
     /// Loads the checkpoint onto GPU `ordinal` with a KV cache of `context`
     /// positions.
@@ -192,16 +229,19 @@ impl GpuDecoder {
         }
 
         // Grid: one resident block per SM, checked by the occupancy API and
-        // enforced by the cooperative launch.
+        // enforced by the cooperative launch; the weight ring takes the
+        // shared memory a block can have beyond the kernel's static part.
+        let ring_slots = ring_slots(&device)?;
+        let ring_bytes = ring_slots * RING_SLOT_BYTES;
         device.decode_step.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            STAGE_BYTES as i32,
+            ring_bytes as i32,
         )?;
         let per_sm = device
             .decode_step
             .occupancy_max_active_blocks_per_multiprocessor(
                 DECODE_THREADS as u32,
-                STAGE_BYTES,
+                ring_bytes,
                 None,
             )?;
         if per_sm == 0 {
@@ -210,7 +250,15 @@ impl GpuDecoder {
                 device.name
             );
         }
+        let ring_in_flight = ring_in_flight(ring_slots)?;
         let decode_blocks = device.sm_count;
+        if HIDDEN.div_ceil(decode_blocks as usize) > DECODE_RESIDUAL_MAX_ROWS {
+            bail!(
+                "{} has {decode_blocks} SMs; the decode kernel needs at least {}",
+                device.name,
+                HIDDEN.div_ceil(DECODE_RESIDUAL_MAX_ROWS)
+            );
+        }
         device.prefill.attention.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             PREFILL_ATTN_SMEM_BYTES as i32,
@@ -276,6 +324,8 @@ impl GpuDecoder {
             context: context as u32,
             max_chunks: max_chunks as u32,
             eps,
+            ring_slots: ring_slots as u32,
+            ring_in_flight: ring_in_flight as u32,
             phase_times: 0,
         };
         let lm_params = LmHeadParams {
@@ -379,7 +429,7 @@ impl GpuDecoder {
         let cfg = LaunchConfig {
             grid_dim: (self.decode_blocks, 1, 1),
             block_dim: (DECODE_THREADS as u32, 1, 1),
-            shared_mem_bytes: STAGE_BYTES as u32,
+            shared_mem_bytes: params.ring_slots * RING_SLOT_BYTES as u32,
         };
         let mut launch = self.stream.launch_builder(&self.device.decode_step);
         launch.arg(params);

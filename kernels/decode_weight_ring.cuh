@@ -1,0 +1,215 @@
+// The decode kernel's weight stream: every block's share of every projection
+// of every layer, copied into a ring of shared-memory slots by one producer
+// thread, in the order the phases read them, while the other warps compute.
+//
+// Weights never depend on activations, so the copies can run ahead through
+// attention and through the grid barriers, as far as the ring reaches (a
+// block's share of a layer is about 240 KB on a 132-SM H100, the ring up to
+// 192 KB). The producer keeps only a few slots in flight at once: the memory
+// probe (benches/memory_probe.cu) measured that about 36 KB in flight per SM
+// reaches full bandwidth, and that more only lengthens the round trips of the
+// latency-bound loads every phase also makes (5 us at 192 KB in flight).
+//
+// Each slot has two mbarriers: `full` completes when the slot's copy has
+// landed (transaction bytes), `empty` when the consumers have read it
+// (RING_SLOT_UNITS arrivals, one per 2 KB of rows). A slot holds whole rows
+// of one projection only; a block's last slot of a projection may be partly
+// used, and the producer arrives for the unused part itself.
+#pragma once
+
+#include "common.cuh"
+
+namespace qmk {
+
+// A slot is 12 KB: 6 rows of K = HIDDEN (QKV), 3 of K = Q_DIM (O), 3 gate/up
+// row pairs, or 2 rows of K = INTERMEDIATE (down).
+constexpr int RING_UNIT_BYTES = HIDDEN * (int)sizeof(bf16);
+constexpr int RING_SLOT_UNITS = QMK_RING_SLOT_BYTES / RING_UNIT_BYTES;
+constexpr int RING_SLOT_BYTES = RING_SLOT_UNITS * RING_UNIT_BYTES;
+constexpr int RING_MAX_SLOTS = QMK_RING_MAX_SLOTS;
+static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number of 2 KB units");
+
+// The four projections of a layer, in the order the phases read them.
+enum Projection { QKV_PROJ = 0, O_PROJ = 1, GATE_UP_PROJ = 2, DOWN_PROJ = 3, NUM_PROJECTIONS = 4 };
+
+// How one projection's rows travel: `units` work units, each a row of K
+// columns (gate/up: the gate row and the up row of one neuron).
+template <int P>
+struct Streamed;
+template <>
+struct Streamed<QKV_PROJ> {
+    static constexpr int K = HIDDEN, UNITS = QKV_ROWS, WEIGHTS = QMK_OFF_QKV, PAIRED = -1;
+};
+template <>
+struct Streamed<O_PROJ> {
+    static constexpr int K = Q_DIM, UNITS = HIDDEN, WEIGHTS = QMK_OFF_O, PAIRED = -1;
+};
+template <>
+struct Streamed<GATE_UP_PROJ> {
+    static constexpr int K = HIDDEN, UNITS = INTERMEDIATE, WEIGHTS = QMK_OFF_GATE, PAIRED = QMK_OFF_UP;
+};
+template <>
+struct Streamed<DOWN_PROJ> {
+    static constexpr int K = INTERMEDIATE, UNITS = HIDDEN, WEIGHTS = QMK_OFF_DOWN, PAIRED = -1;
+};
+
+// Layout of projection P's units in a slot: the rows of its first matrix,
+// then (gate/up) the paired rows from half way.
+template <int P>
+struct SlotLayout {
+    static constexpr int ROW_BYTES = Streamed<P>::K * (int)sizeof(bf16);
+    static constexpr int ROW_UNITS = ROW_BYTES / RING_UNIT_BYTES;  // 2 KB units a row occupies
+    static constexpr bool PAIRED = Streamed<P>::PAIRED >= 0;
+    static constexpr int UNIT_UNITS = ROW_UNITS * (PAIRED ? 2 : 1);
+    static constexpr int PER_SLOT = RING_SLOT_UNITS / UNIT_UNITS;  // work units a slot holds
+    static constexpr int PAIRED_OFFSET = PER_SLOT * ROW_BYTES;     // bytes
+    static_assert(ROW_BYTES % RING_UNIT_BYTES == 0, "rows are whole 2 KB units");
+    static_assert(PER_SLOT >= 1 && RING_SLOT_UNITS % UNIT_UNITS == 0, "a slot holds whole work units");
+};
+
+__device__ __forceinline__ unsigned int smem_address(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbarrier_wait(const unsigned long long* bar, unsigned int parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(smem_address(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+struct WeightRing {
+    unsigned char* storage;     // n_slots x RING_SLOT_BYTES of dynamic shared memory
+    unsigned long long* full;   // n_slots mbarriers
+    unsigned long long* empty;  // n_slots mbarriers
+    int n_slots;
+    int slots_per_layer;           // this block's, the same in every layer
+    int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
+
+    // Called by every thread of the block; ends in __syncthreads, after
+    // which the producer warp and the consumer warps part.
+    __device__ WeightRing(unsigned char* storage_, unsigned long long* barriers, int n_slots_)
+        : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), n_slots(n_slots_) {
+        slots_per_layer = 0;
+        first_slot[QKV_PROJ] = slots_per_layer;
+        slots_per_layer += projection_slots<QKV_PROJ>();
+        first_slot[O_PROJ] = slots_per_layer;
+        slots_per_layer += projection_slots<O_PROJ>();
+        first_slot[GATE_UP_PROJ] = slots_per_layer;
+        slots_per_layer += projection_slots<GATE_UP_PROJ>();
+        first_slot[DOWN_PROJ] = slots_per_layer;
+        slots_per_layer += projection_slots<DOWN_PROJ>();
+        if (threadIdx.x == 0) {
+            for (int s = 0; s < n_slots; ++s) {
+                asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(full + s)) : "memory");
+                asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(empty + s)),
+                             "r"(RING_SLOT_UNITS)
+                             : "memory");
+            }
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncthreads();
+    }
+
+    // This block's units of projection P: a balanced contiguous range.
+    template <int P>
+    static __device__ void block_units(int& begin, int& end) {
+        split_range(Streamed<P>::UNITS, blockIdx.x, gridDim.x, begin, end);
+    }
+
+    template <int P>
+    static __device__ int projection_slots() {
+        int begin, end;
+        block_units<P>(begin, end);
+        return (end - begin + SlotLayout<P>::PER_SLOT - 1) / SlotLayout<P>::PER_SLOT;
+    }
+
+    // ---- consumer side ----
+
+    // Index (in the launch's sequence of slot uses) of the slot holding unit
+    // `u` (counted from the block's first) of projection P in `layer`.
+    template <int P>
+    __device__ int slot_of(int layer, int u) const {
+        return layer * slots_per_layer + first_slot[P] + u / SlotLayout<P>::PER_SLOT;
+    }
+
+    // Waits until use `index` of the ring has landed; returns the slot.
+    __device__ const unsigned char* wait_full(int index) const {
+        const int s = index % n_slots;
+        mbarrier_wait(full + s, (unsigned int)(index / n_slots) & 1u);
+        return storage + (size_t)s * RING_SLOT_BYTES;
+    }
+
+    // One warp is done reading `units` 2 KB units of use `index` (lane 0 calls).
+    __device__ void release(int index, int units) const {
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0], %1;" ::"r"(
+                         smem_address(empty + index % n_slots)),
+                     "r"(units)
+                     : "memory");
+    }
+
+    // ---- producer side (one thread) ----
+
+    // Streams the block's rows of all layers, keeping at most `in_flight`
+    // slots copying at once.
+    __device__ void produce(const bf16* layers, int in_flight) const {
+        unsigned long long policy;  // weights are read once: evict them from L2 first
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        int index = 0;
+        for (int layer = 0; layer < NUM_LAYERS; ++layer) {
+            const bf16* w = layers + (size_t)layer * QMK_LAYER_STRIDE;
+            produce_projection<QKV_PROJ>(w, index, in_flight, policy);
+            produce_projection<O_PROJ>(w, index, in_flight, policy);
+            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy);
+            produce_projection<DOWN_PROJ>(w, index, in_flight, policy);
+        }
+    }
+
+    template <int P>
+    __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight,
+                                       unsigned long long policy) const {
+        using S = Streamed<P>;
+        using L = SlotLayout<P>;
+        int begin, end;
+        block_units<P>(begin, end);
+        for (int unit = begin; unit < end; unit += L::PER_SLOT, ++index) {
+            const int count = min(L::PER_SLOT, end - unit);
+            const int s = index % n_slots;
+            // The consumers are done with this slot's previous use, and no
+            // more than `in_flight` copies are outstanding.
+            if (index >= n_slots) mbarrier_wait(empty + s, (unsigned int)(index / n_slots - 1) & 1u);
+            if (index >= in_flight) {
+                const int older = index - in_flight;
+                mbarrier_wait(full + older % n_slots, (unsigned int)(older / n_slots) & 1u);
+            }
+            unsigned char* slot = storage + (size_t)s * RING_SLOT_BYTES;
+            const unsigned int row_bytes = count * L::ROW_BYTES;
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(full + s)),
+                         "r"(row_bytes * (L::PAIRED ? 2 : 1))
+                         : "memory");
+            copy(slot, layer_weights + S::WEIGHTS + (size_t)unit * S::K, row_bytes, full + s, policy);
+            if (L::PAIRED)
+                copy(slot + L::PAIRED_OFFSET, layer_weights + S::PAIRED + (size_t)unit * S::K, row_bytes, full + s,
+                     policy);
+            // The units this use leaves empty count as read already.
+            const int unused = (L::PER_SLOT - count) * L::UNIT_UNITS;
+            if (unused > 0) release(index, unused);
+        }
+    }
+
+    static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar,
+                                unsigned long long policy) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+            "%4;" ::"r"(smem_address(dst)),
+            "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
+            : "memory");
+    }
+};
+
+}  // namespace qmk
