@@ -1,6 +1,6 @@
 // One decode step of Qwen3-0.6B, all 28 layers, in one persistent cooperative
 // kernel. The grid is one block per SM (sized on the host from the device);
-// phases are separated by a grid barrier:
+// each phase needs the whole output of the one before it:
 //
 //   per layer:  A  RMSNorm + fused QKV projection          -> qkv (f32)
 //               B  q/k RMSNorm, RoPE, KV-cache append, attention over the
@@ -14,10 +14,15 @@
 // (lm_head.cu). The residual stream and all activations stay in f32; weights
 // and the KV cache are bf16.
 //
+// There is no grid barrier. Every value a phase hands on is stored with a tag
+// naming the launch, layer and phase that wrote it (TaggedVector); a reader
+// loads the values it needs and reloads any whose tag is not yet the one it
+// expects, so finding the data ready and reading it is one round trip.
+//
 // A block is one producer warp and CONSUMER_WARPS consumer warps. The
 // producer streams the block's weight rows of every phase into a ring of
 // shared-memory slots (decode_weight_ring.cuh), running ahead through
-// attention and the barriers; the consumers run the phases above and read
+// attention and the waits for inputs; the consumers run the phases above and read
 // their rows from the ring. Consumers synchronise among themselves with a
 // named barrier, never with __syncthreads, which would wait for the producer.
 #include <cuda/atomic>
@@ -53,13 +58,14 @@ struct DecodeParams {
     const float* inv_freq;       // HEAD_DIM / 2 RoPE frequencies
     bf16* k_cache;               // NUM_LAYERS x NUM_KV_HEADS x context x HEAD_DIM
     bf16* v_cache;               // same layout
-    float* x;                    // residual stream, HIDDEN
-    float* qkv;                  // QKV_ROWS
-    float* attn;                 // Q_DIM
-    float* mlp;                  // INTERMEDIATE
+    float* x;                    // residual stream after the last layer, HIDDEN (the LM head's input)
+    unsigned long long* x_tagged;     // residual stream, HIDDEN tagged values (TaggedVector)
+    unsigned long long* qkv_tagged;   // QKV_ROWS
+    unsigned long long* attn_tagged;  // Q_DIM
+    unsigned long long* mlp_tagged;   // INTERMEDIATE
     float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
-    unsigned int* attn_counters; // NUM_KV_HEADS, zero between phases
-    unsigned long long* barrier; // grid barrier arrivals (see GridBarrier)
+    unsigned int* attn_counters; // NUM_LAYERS x NUM_KV_HEADS, zero between launches
+    unsigned long long* launches;  // block arrivals of every launch since the sequence began
     const DecodeState* state;
     const unsigned int* tokens;  // context + 1 token ids
     unsigned int context;        // positions the KV cache holds
@@ -67,7 +73,7 @@ struct DecodeParams {
     float eps;                   // RMSNorm epsilon
     unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
     unsigned int ring_in_flight; // copies the producer keeps outstanding (<= ring_slots)
-    unsigned long long* phase_times;  // null, or 1 + 5 * NUM_LAYERS timestamps (bench --profile)
+    unsigned long long* phase_times;  // null, or PHASE_STAMPS timestamps + 3 producer and 2 consumer clock counts (bench --profile)
 };
 
 struct AttentionShared {
@@ -87,49 +93,52 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
     return p.layers + (size_t)layer * QMK_LAYER_STRIDE + offset;
 }
 
-// The grid barrier: a 64-bit count of block arrivals that only grows. Each
-// arrival is a fire-and-forget release add; waiting is an acquire spin until
-// the count reaches this barrier's target, so the last block to arrive costs
-// one memory operation, not a read-modify-write plus a flag (measured 5%
-// faster per step than a sense-reversing barrier, RESULTS.md).
-//
-// Every launch that starts runs exactly BARRIERS_PER_LAUNCH barriers (or
-// none, when the loop is done), so between launches the count is a multiple
-// of BARRIERS_PER_LAUNCH * gridDim.x. A block reads it before its first
-// arrival, when at most gridDim.x - 1 arrivals of this launch can be in it,
-// and rounds down to find the launch's base: no reset at kernel start, and
-// nothing that a previous launch leaves can shift a target. The host zeroes
-// the count whenever it starts a sequence. Only the consumer warps take part.
-struct GridBarrier {
-    static constexpr unsigned long long BARRIERS_PER_LAUNCH = 5 * NUM_LAYERS - 1;
-    unsigned long long* count;
-    unsigned long long target;  // meaningful in thread 0 only
+// ---- the vectors phases hand on ----------------------------------------------------
 
-    __device__ explicit GridBarrier(unsigned long long* count_) : count(count_), target(0) {
-        if (threadIdx.x == 0) {
-            const unsigned long long now = load_acquire(count);
-            target = now - now % (BARRIERS_PER_LAUNCH * gridDim.x);
-        }
+// A phase's output for other blocks is a vector of 64-bit words: the f32
+// value in the low half, in the high half the tag of the write, unique to
+// (launch, layer, handoff) within a sequence. An aligned 64-bit store is
+// single-copy atomic, so a reader that sees the tag it expects sees that
+// write's value. Readers spin on the values themselves: no grid barrier, no
+// flag to read before the data. A block can only write a handoff once every
+// block has read the previous one it overwrites, because each phase needs
+// the whole output of the phase before it, which every block has a part in.
+// The host zeroes the vectors (tag 0 is never written) with the counters at
+// the start of a sequence.
+enum Handoff { QKV_OUT = 0, ATTN_OUT = 1, X_AFTER_ATTN = 2, MLP_OUT = 3, X_AFTER_MLP = 4, HANDOFFS = 5 };
+
+struct TaggedVector {
+    unsigned long long* words;
+    unsigned int tag;
+
+    __device__ void store(int i, float value) const {
+        const unsigned long long word = ((unsigned long long)tag << 32) | __float_as_uint(value);
+        asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(words + i), "l"(word) : "memory");
     }
-
-    __device__ void sync() {
-        // The release add publishes this block's writes (ordered before it by
-        // the consumer barrier); the acquire spin makes every block's visible
-        // to thread 0, and the second consumer barrier passes that on.
-        consumer_sync();
-        if (threadIdx.x == 0) {
-            asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
-            target += gridDim.x;
-            while (load_acquire(count) < target) {
-            }
-        }
-        consumer_sync();
+    // Starts reading element i; `await` finishes it. Issue every load before
+    // the first await, so that they travel together.
+    __device__ unsigned long long load(int i) const {
+        unsigned long long word;
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(words + i) : "memory");
+        return word;
     }
+    __device__ float await(int i, unsigned long long word) const {
+        while ((unsigned int)(word >> 32) != tag) word = load(i);
+        return __uint_as_float((unsigned int)word);
+    }
+};
 
-    static __device__ unsigned long long load_acquire(const unsigned long long* p) {
-        unsigned long long v;
-        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-        return v;
+// The handoffs of one launch: tags launch * 5 * NUM_LAYERS + 1 onwards.
+struct Handoffs {
+    const DecodeParams* p;
+    const unsigned int* first_tag;  // in shared memory, set in layer 0 before the first handoff
+
+    __device__ TaggedVector at(int layer, Handoff h) const {
+        unsigned long long* words = h == QKV_OUT ? p->qkv_tagged
+                                    : h == ATTN_OUT ? p->attn_tagged
+                                    : h == MLP_OUT  ? p->mlp_tagged
+                                                    : p->x_tagged;
+        return {words, *first_tag + (unsigned int)(layer * HANDOFFS + h)};
     }
 };
 
@@ -151,8 +160,10 @@ __device__ __forceinline__ float row_dot(const unsigned char* row, const float* 
 // A projection phase: the block's units of projection P, read from the
 // ring, dotted with `vec`; consumer warps take units in turn. `store(unit,
 // y)` runs on lane 0 with the unit's one (or, gate/up, two) results.
+// `ring_wait` gathers the cycles thread 0 waits for rows (bench --profile).
 template <int P, typename Store>
-__device__ __forceinline__ void project(const WeightRing& ring, int layer, const float* vec, Store store) {
+__device__ __forceinline__ void project(const WeightRing& ring, int layer, const float* vec, long long& ring_wait,
+                                        Store store) {
     using S = Streamed<P>;
     using L = SlotLayout<P>;
     int begin, end;
@@ -160,7 +171,9 @@ __device__ __forceinline__ void project(const WeightRing& ring, int layer, const
     const int warp = threadIdx.x / WARP;
     for (int u = warp; u < end - begin; u += CONSUMER_WARPS) {
         const int index = ring.slot_of<P>(layer, u);
+        const long long t0 = clock64();
         const unsigned char* row = ring.wait_full(index) + (u % L::PER_SLOT) * L::ROW_BYTES;
+        ring_wait += clock64() - t0;
         float y[L::PAIRED ? 2 : 1];
         y[0] = row_dot<S::K>(row, vec);
         if constexpr (L::PAIRED) y[1] = row_dot<S::K>(row + L::PAIRED_OFFSET, vec);
@@ -172,23 +185,68 @@ __device__ __forceinline__ void project(const WeightRing& ring, int layer, const
     }
 }
 
-// Copy N floats written in this launch into shared memory: all loads first,
-// so they take one round trip.
+// The whole of a handed-on vector into shared memory.
 template <int N>
-__device__ __forceinline__ void load_vec_to_shared(const float* src, float* dst) {
-    constexpr int PER_THREAD = (N / 4 + CONSUMERS - 1) / CONSUMERS;
-    float4 v[PER_THREAD];
+__device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float* dst) {
+    constexpr int PER_THREAD = (N + CONSUMERS - 1) / CONSUMERS;
+    unsigned long long words[PER_THREAD];
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = (threadIdx.x + k * CONSUMERS) * 4;
-        if (i < N) v[k] = __ldcg(reinterpret_cast<const float4*>(src + i));
+        const int i = threadIdx.x + k * CONSUMERS;
+        if (i < N) words[k] = src.load(i);
     }
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = (threadIdx.x + k * CONSUMERS) * 4;
-        if (i < N) *reinterpret_cast<float4*>(dst + i) = v[k];
+        const int i = threadIdx.x + k * CONSUMERS;
+        if (i < N) dst[i] = src.await(i, words[k]);
     }
     consumer_sync();
+}
+
+// RMSNorm of the handed-on residual stream into shared memory (as
+// rms_norm_to_shared; the weights load with the first read of x).
+__device__ __forceinline__ void gather_rms_norm(const TaggedVector& x, const bf16* weight, float eps, float* out,
+                                                float* scratch) {
+    constexpr int PER_THREAD = (HIDDEN + CONSUMERS - 1) / CONSUMERS;
+    unsigned long long words[PER_THREAD];
+    float v[PER_THREAD], w[PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * CONSUMERS;
+        if (i < HIDDEN) {
+            words[k] = x.load(i);
+            w[k] = bf16_to_f32(weight[i]);
+        }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * CONSUMERS;
+        v[k] = i < HIDDEN ? x.await(i, words[k]) : 0.f;
+        ss = fmaf(v[k], v[k], ss);
+    }
+    const float inv_rms = rsqrtf(block_sum<CONSUMERS, ConsumerSync>(ss, scratch) / HIDDEN + eps);
+#pragma unroll
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * CONSUMERS;
+        if (i < HIDDEN) out[i] = v[k] * inv_rms * w[k];
+    }
+    consumer_sync();
+}
+
+// ---- profiling ---------------------------------------------------------------------
+
+// `qwen-mk bench --profile`: block 0 stamps the global timer at the start,
+// then twice per phase: when its inputs have arrived, and when it is done.
+constexpr int PHASE_STAMPS = 1 + 2 * 5 * NUM_LAYERS;
+enum Stamp { INPUTS_READY = 0, PHASE_DONE = 1 };
+
+__device__ __forceinline__ void stamp_phase(const DecodeParams& p, int layer, int phase, Stamp what) {
+    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        p.phase_times[layer < 0 ? 0 : 1 + (layer * 5 + phase) * 2 + what] = now;
+    }
 }
 
 // ---- phase B: attention --------------------------------------------------------
@@ -196,8 +254,9 @@ __device__ __forceinline__ void load_vec_to_shared(const float* src, float* dst)
 // Scores, softmax and P.V for positions [begin, end) of one KV head and its
 // two query heads; leaves the unnormalised output, its max and sum in the
 // partials buffer for the merge.
-__device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int kv_head, int chunk, int begin,
-                                int end, bool single_chunk, AttentionShared& sm) {
+__device__ void attention_chunk(const DecodeParams& p, const TaggedVector& qkv, const TaggedVector& attn, int layer,
+                                int pos, int kv_head, int chunk, int begin, int end, bool single_chunk,
+                                AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const size_t head_base = ((size_t)layer * NUM_KV_HEADS + kv_head) * p.context * HEAD_DIM;
     const bf16* k_cache = p.k_cache + head_base;
@@ -210,9 +269,12 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
         const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
         const int row0 = is_q ? (kv_head * GQA_GROUP + warp) * HEAD_DIM
                               : Q_DIM + (is_k ? 0 : KV_DIM) + kv_head * HEAD_DIM;
+        unsigned long long words[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
         float v[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = load_coherent(p.qkv + row0 + lane + 32 * i);
+        for (int i = 0; i < 4; ++i) v[i] = qkv.await(row0 + lane + 32 * i, words[i]);
         if (is_q || is_k) {
             const bf16* norm = layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM);
             norm_rope_head(v, norm, p.inv_freq, (float)pos, p.eps);
@@ -227,6 +289,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
         }
     }
     consumer_sync();  // also orders this block's cache append before the reads below
+    stamp_phase(p, layer, 1, INPUTS_READY);
 
     // Scores: eight lanes per key, 16 dims a lane.
     const float scale = rsqrtf((float)HEAD_DIM);
@@ -325,7 +388,7 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         const int q_head = kv_head * GQA_GROUP + h;
         if (single_chunk) {
-            p.attn[q_head * HEAD_DIM + d] = out / sm.sum[h];
+            attn.store(q_head * HEAD_DIM + d, out / sm.sum[h]);
         } else {
             float* partial = p.attn_partials + ((size_t)q_head * p.max_chunks + chunk) * (HEAD_DIM + 2);
             partial[d] = out;
@@ -337,13 +400,15 @@ __device__ void attention_chunk(const DecodeParams& p, int layer, int pos, int k
     }
 }
 
-// The block that finishes a KV head's last chunk merges all its chunks.
-// As in GridBarrier, the acq_rel count publishes this block's partials (ordered
-// by the consumer barrier before it) and, for the last block, acquires everyone's.
-__device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, AttentionShared& sm) {
+// The block that finishes a KV head's last chunk merges all its chunks. The
+// acq_rel count publishes this block's partials (ordered by the consumer
+// barrier before it) and, for the last block, acquires everyone's.
+__device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, int kv_head, int n_chunks,
+                              AttentionShared& sm) {
+    unsigned int* counter = p.attn_counters + layer * NUM_KV_HEADS + kv_head;
     consumer_sync();
     if (threadIdx.x == 0) {
-        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(p.attn_counters[kv_head]);
+        cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*counter);
         sm.is_last = done.fetch_add(1, cuda::memory_order_acq_rel) == (unsigned int)n_chunks - 1;
     }
     consumer_sync();
@@ -361,12 +426,13 @@ __device__ void merge_if_last(const DecodeParams& p, int kv_head, int n_chunks, 
             sum = fmaf(load_coherent(part + HEAD_DIM + 1), w, sum);
             out = fmaf(load_coherent(part + d), w, out);
         }
-        p.attn[q_head * HEAD_DIM + d] = out / sum;
+        attn.store(q_head * HEAD_DIM + d, out / sum);
     }
-    if (threadIdx.x == 0) p.attn_counters[kv_head] = 0;  // ready for the next layer
+    if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
 }
 
-__device__ void attention_phase(const DecodeParams& p, int layer, int pos, AttentionShared& sm) {
+__device__ void attention_phase(const DecodeParams& p, const TaggedVector& qkv, const TaggedVector& attn, int layer,
+                                int pos, AttentionShared& sm) {
     // Split the cache over about one block per (KV head, chunk); a chunk is
     // never longer than the shared-memory score buffer.
     const int n_keys = pos + 1;
@@ -376,39 +442,39 @@ __device__ void attention_phase(const DecodeParams& p, int layer, int pos, Atten
     for (int task = blockIdx.x; task < NUM_KV_HEADS * n_chunks; task += gridDim.x) {
         const int kv_head = task / n_chunks, chunk = task % n_chunks;
         const int begin = chunk * chunk_len, end = min(n_keys, begin + chunk_len);
-        attention_chunk(p, layer, pos, kv_head, chunk, begin, end, n_chunks == 1, sm);
-        if (n_chunks > 1) merge_if_last(p, kv_head, n_chunks, sm);
+        attention_chunk(p, qkv, attn, layer, pos, kv_head, chunk, begin, end, n_chunks == 1, sm);
+        if (n_chunks > 1) merge_if_last(p, attn, layer, kv_head, n_chunks, sm);
         consumer_sync();  // shared memory is reused by the next task
     }
 }
 
 // ---- the kernel ------------------------------------------------------------------
 
-// Profiling (`qwen-mk bench --profile`): block 0 stamps the global timer at
-// each phase boundary, just after the barrier, when every block is done.
-__device__ __forceinline__ void stamp_phase(const DecodeParams& p, int index) {
-    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-        unsigned long long now;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-        p.phase_times[index] = now;
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const DecodeParams p) {
     __shared__ __align__(16) SharedStorage sm;
     __shared__ float scratch[CONSUMER_WARPS];
     __shared__ unsigned long long ring_barriers[2 * RING_MAX_SLOTS];
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
+    __shared__ unsigned int first_tag;
     extern __shared__ __align__(128) unsigned char ring_storage[];
 
     const DecodeState* state = p.state;
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
 
-    WeightRing ring(ring_storage, ring_barriers, (int)p.ring_slots);
+    WeightRing ring(ring_storage, ring_barriers, (int)p.ring_slots);  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
-        if (threadIdx.x % WARP == 0) ring.produce(p.layers, (int)p.ring_in_flight);
+        if (threadIdx.x % WARP == 0) {
+            const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;
+            ring.produce(p.layers, (int)p.ring_in_flight, profiled ? p.phase_times + PHASE_STAMPS : nullptr);
+        }
         return;
     }
+    // This launch's number in the sequence: every block adds one arrival, and
+    // all of the previous launch's are in before this one starts. Nothing
+    // waits for the answer until layer 0's first handoff.
+    unsigned long long arrivals_before = 0;
+    if (threadIdx.x == 0) arrivals_before = atomicAdd(p.launches, 1ull);
 
     const int pos = (int)state->pos;
     const bf16* embedding = p.embed + (size_t)p.tokens[pos] * HIDDEN;
@@ -418,53 +484,71 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     static_assert(Streamed<O_PROJ>::UNITS == HIDDEN && Streamed<DOWN_PROJ>::UNITS == HIDDEN, "");
     int own_begin, own_end;
     WeightRing::block_units<O_PROJ>(own_begin, own_end);
-    stamp_phase(p, 0);
-    GridBarrier barrier(p.barrier);
+    const Handoffs handoffs{&p, &first_tag};
+    stamp_phase(p, -1, 0, PHASE_DONE);
+    const long long start = clock64();
+    long long ring_wait = 0;
 
     for (int layer = 0; layer < NUM_LAYERS; ++layer) {
         // The residual stream of layer 0 is the token's embedding row.
         const bool first = layer == 0;
-
+        const bool last = layer + 1 == NUM_LAYERS;
         // A: RMSNorm + QKV projection.
-        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(
-            first ? nullptr : p.x, embedding, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
-        project<QKV_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) { p.qkv[row] = y[0]; });
-        barrier.sync();
-        stamp_phase(p, 1 + layer * 5 + 0);
+        const bf16* input_norm = layer_weights(p, layer, QMK_OFF_INPUT_NORM);
+        if (first) {
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(nullptr, embedding, input_norm, p.eps, sm.vec,
+                                                                scratch);
+            if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
+            consumer_sync();
+        } else {
+            gather_rms_norm(handoffs.at(layer - 1, X_AFTER_MLP), input_norm, p.eps, sm.vec, scratch);
+        }
+        stamp_phase(p, layer, 0, INPUTS_READY);
+        const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
+        const TaggedVector x_mid = handoffs.at(layer, X_AFTER_ATTN), mlp = handoffs.at(layer, MLP_OUT);
+        const TaggedVector x_out = handoffs.at(layer, X_AFTER_MLP);
+        project<QKV_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
+        stamp_phase(p, layer, 0, PHASE_DONE);
 
         // B: attention (the producer streams the next phases' rows meanwhile).
-        attention_phase(p, layer, pos, sm.attn);
-        barrier.sync();
-        stamp_phase(p, 1 + layer * 5 + 1);
+        consumer_sync();  // the attention scratch shares shared memory with sm.vec
+        attention_phase(p, qkv, attn, layer, pos, sm.attn);
+        stamp_phase(p, layer, 1, PHASE_DONE);
 
         // C: O projection + residual.
-        load_vec_to_shared<Q_DIM>(p.attn, sm.vec);
-        project<O_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) {
+        consumer_sync();
+        gather_to_shared<Q_DIM>(attn, sm.vec);
+        stamp_phase(p, layer, 2, INPUTS_READY);
+        project<O_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
             float& x = residual[row - own_begin];
             x = (first ? bf16_to_f32(embedding[row]) : x) + y[0];
-            p.x[row] = x;
+            x_mid.store(row, x);
         });
-        barrier.sync();
-        stamp_phase(p, 1 + layer * 5 + 2);
+        stamp_phase(p, layer, 2, PHASE_DONE);
 
-        // D: RMSNorm + gate/up + SiLU.
-        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(
-            p.x, nullptr, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
-        project<GATE_UP_PROJ>(ring, layer, sm.vec, [&](int j, const float (&gu)[2]) {
-            p.mlp[j] = gu[0] / (1.f + __expf(-gu[0])) * gu[1];
-        });
-        barrier.sync();
-        stamp_phase(p, 1 + layer * 5 + 3);
+        // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
+        // before it writes sm.vec).
+        gather_rms_norm(x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
+        stamp_phase(p, layer, 3, INPUTS_READY);
+        project<GATE_UP_PROJ>(ring, layer, sm.vec, ring_wait,
+                              [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
+        stamp_phase(p, layer, 3, PHASE_DONE);
 
         // E: down projection + residual.
-        load_vec_to_shared<INTERMEDIATE>(p.mlp, sm.vec);
-        project<DOWN_PROJ>(ring, layer, sm.vec, [&](int row, const float (&y)[1]) {
+        consumer_sync();
+        gather_to_shared<INTERMEDIATE>(mlp, sm.vec);
+        stamp_phase(p, layer, 4, INPUTS_READY);
+        project<DOWN_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
             float& x = residual[row - own_begin];
             x += y[0];
-            p.x[row] = x;
+            x_out.store(row, x);
+            if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
         });
-        if (layer + 1 < NUM_LAYERS) barrier.sync();  // the launch's end orders the last layer
-        stamp_phase(p, 1 + layer * 5 + 4);
+        stamp_phase(p, layer, 4, PHASE_DONE);
+    }
+    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        p.phase_times[PHASE_STAMPS + 3] = clock64() - start;
+        p.phase_times[PHASE_STAMPS + 4] = ring_wait;
     }
 }
 

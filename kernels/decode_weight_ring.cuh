@@ -145,9 +145,13 @@ struct WeightRing {
         return storage + (size_t)s * RING_SLOT_BYTES;
     }
 
-    // One warp is done reading `units` 2 KB units of use `index` (lane 0 calls).
+    // One warp is done reading `units` 2 KB units of use `index` (lane 0
+    // calls, after __syncwarp). Relaxed, not release: the reads are done
+    // (their values are summed already), and a release would also wait for
+    // this thread's earlier global stores to land (measured: one round trip
+    // per row a warp handles).
     __device__ void release(int index, int units) const {
-        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0], %1;" ::"r"(
+        asm volatile("mbarrier.arrive.relaxed.cta.shared::cta.b64 _, [%0], %1;" ::"r"(
                          smem_address(empty + index % n_slots)),
                      "r"(units)
                      : "memory");
@@ -155,24 +159,42 @@ struct WeightRing {
 
     // ---- producer side (one thread) ----
 
+    // Where the producer's time goes (bench --profile): SM clock cycles in
+    // all, waiting for a slot the consumers still read, and waiting for the
+    // copy in flight.
+    struct ProducerClock {
+        long long waited_for_slot = 0, waited_for_copy = 0;
+    };
+
     // Streams the block's rows of all layers, keeping at most `in_flight`
-    // slots copying at once.
-    __device__ void produce(const bf16* layers, int in_flight) const {
+    // slots copying at once. `cycles`, when not null, receives the
+    // ProducerClock counts (total, slot, copy).
+    __device__ void produce(const bf16* layers, int in_flight, unsigned long long* cycles) const {
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        const long long start = clock64();
+        ProducerClock clock;
         int index = 0;
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layers + (size_t)layer * QMK_LAYER_STRIDE;
-            produce_projection<QKV_PROJ>(w, index, in_flight, policy);
-            produce_projection<O_PROJ>(w, index, in_flight, policy);
-            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy);
-            produce_projection<DOWN_PROJ>(w, index, in_flight, policy);
+            produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
+        }
+        if (cycles != nullptr) {
+            // The last copies land after the loop: wait, so the total is the stream's.
+            const int last = index - 1;
+            mbarrier_wait(full + last % n_slots, (unsigned int)(last / n_slots) & 1u);
+            cycles[0] = clock64() - start;
+            cycles[1] = clock.waited_for_slot;
+            cycles[2] = clock.waited_for_copy;
         }
     }
 
     template <int P>
     __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight,
-                                       unsigned long long policy) const {
+                                       unsigned long long policy, ProducerClock& clock) const {
         using S = Streamed<P>;
         using L = SlotLayout<P>;
         int begin, end;
@@ -182,11 +204,15 @@ struct WeightRing {
             const int s = index % n_slots;
             // The consumers are done with this slot's previous use, and no
             // more than `in_flight` copies are outstanding.
+            const long long t0 = clock64();
             if (index >= n_slots) mbarrier_wait(empty + s, (unsigned int)(index / n_slots - 1) & 1u);
+            const long long t1 = clock64();
             if (index >= in_flight) {
                 const int older = index - in_flight;
                 mbarrier_wait(full + older % n_slots, (unsigned int)(older / n_slots) & 1u);
             }
+            clock.waited_for_slot += t1 - t0;
+            clock.waited_for_copy += clock64() - t1;
             unsigned char* slot = storage + (size_t)s * RING_SLOT_BYTES;
             const unsigned int row_bytes = count * L::ROW_BYTES;
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(full + s)),

@@ -89,7 +89,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.profile {
         for &position in &args.positions {
             decoder.reset(&vec![START_TOKEN; position + 1], 0, position, None)?;
-            profiles.push((position, decoder.profile_phases(args.steps)?));
+            profiles.push((position, decoder.profile(args.steps)?));
         }
     }
 
@@ -113,8 +113,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             })).collect::<Vec<_>>(),
             "decode_kernel_ms": decode_ms,
             "lm_head_kernel_ms": lm_head_ms,
-            "phase_us_per_layer": profiles.iter().map(|(p, t)| json!({"position": p, "A_qkv": t[0],
-                "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]})).collect::<Vec<_>>(),
+            "phase_us_per_layer": profiles.iter().map(|(p, prof)| { let t = &prof.phase_us; json!({"position": p,
+                "wait_work": {"A_qkv": t[0], "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]},
+                "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait}) }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -163,23 +164,38 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if !profiles.is_empty() {
         println!(
-            "decode kernel phases, us per layer (each includes its barrier; block 0's clock):"
+            "decode kernel phases, us per layer as block 0 sees them: waiting for inputs + working"
         );
         println!(
-            "{:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "position", "A qkv", "B attn", "C o", "D gate/up", "E down", "layer"
+            "{:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7} {:>18} {:>11}",
+            "position",
+            "A qkv",
+            "B attn",
+            "C o",
+            "D gate/up",
+            "E down",
+            "layer",
+            "producer waits",
+            "rows late"
         );
-        for (position, t) in &profiles {
+        for (position, profile) in &profiles {
+            let t = &profile.phase_us;
+            let cell = |i: usize| format!("{:.2}+{:.2}", t[i][0], t[i][1]);
+            let [slot, copy] = profile.producer_waits;
             println!(
-                "{position:>9} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
-                t[0],
-                t[1],
-                t[2],
-                t[3],
-                t[4],
-                t.iter().sum::<f64>()
+                "{position:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7.2}   slot {:>3.0}% copy {:>3.0}% {:>10.0}%",
+                cell(0),
+                cell(1),
+                cell(2),
+                cell(3),
+                cell(4),
+                t.iter().flatten().sum::<f64>(),
+                slot * 100.0,
+                copy * 100.0,
+                profile.consumer_ring_wait * 100.0
             );
         }
+        println!("(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)");
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use cudarc::driver::{
 mod measure;
 mod prefill;
 
-pub use measure::median;
+pub use measure::{median, Profile};
 use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
 
@@ -54,12 +54,13 @@ struct DecodeParams {
     k_cache: u64,
     v_cache: u64,
     x: u64,
-    qkv: u64,
-    attn: u64,
-    mlp: u64,
+    x_tagged: u64,
+    qkv_tagged: u64,
+    attn_tagged: u64,
+    mlp_tagged: u64,
     attn_partials: u64,
     attn_counters: u64,
-    barrier: u64,
+    launches: u64,
     state: u64,
     tokens: u64,
     context: u32,
@@ -71,9 +72,14 @@ struct DecodeParams {
 }
 unsafe impl DeviceRepr for DecodeParams {}
 
-/// Timestamps one profiled decode step records: the start, then the end of
-/// each of the five phases of every layer.
-pub const PHASE_STAMPS: usize = 1 + 5 * NUM_LAYERS;
+/// Timestamps one profiled decode step records: the start, then for each of
+/// the five phases of every layer, when block 0 has its inputs and when it
+/// is done.
+pub const PHASE_STAMPS: usize = 1 + 2 * 5 * NUM_LAYERS;
+/// Words a profiled step writes: the stamps, then block 0's producer clock
+/// counts (total cycles, cycles waiting for a free slot, for the copy in
+/// flight), then its thread 0's (total cycles, cycles waiting for ring rows).
+const PROFILE_WORDS: usize = PHASE_STAMPS + 5;
 
 /// Mirrors `LmHeadParams` in kernels/lm_head.cu.
 #[repr(C)]
@@ -95,9 +101,16 @@ struct LmHeadParams {
 }
 unsafe impl DeviceRepr for LmHeadParams {}
 
-/// attention counters (one per KV head) | grid barrier count (u64, 8-byte
-/// aligned: NUM_KV_HEADS is even) | LM-head blocks done.
-const COUNTER_WORDS: usize = NUM_KV_HEADS + 2 + 1;
+/// attention merge counters (one per layer and KV head) | decode launch
+/// arrivals (u64, 8-byte aligned: the merge counters are an even number) |
+/// LM-head blocks done.
+const MERGE_COUNTERS: usize = NUM_LAYERS * NUM_KV_HEADS;
+const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 1;
+const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
+
+/// The decode kernel's handed-on vectors, 64-bit tagged values:
+/// x | qkv | attn | mlp.
+const TAGGED_WORDS: usize = HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE;
 
 /// Steps queued ahead of the one whose token the host waits for.
 const LOOKAHEAD: usize = 8;
@@ -139,11 +152,13 @@ pub struct GpuDecoder {
     v_cache: CudaSlice<u16>,
     /// Held only to keep the device memory the parameter structs point at.
     _buffers: (GpuWeights, CudaSlice<f32>, CudaSlice<u64>),
-    /// x | qkv | attn | mlp of the decode kernel; x is what the LM head reads.
+    /// The residual stream the LM head reads (HIDDEN).
     activations: CudaSlice<f32>,
+    /// The vectors decode phases hand on, tagged (zeroed with the counters).
+    tagged: CudaSlice<u64>,
     /// Batched prefill, or why it cannot run on this machine.
     prefill: std::result::Result<Prefill, String>,
-    /// Attention merge counters, grid barrier count, LM-head blocks done.
+    /// Attention merge counters, decode launch arrivals, LM-head blocks done.
     counters: CudaSlice<u32>,
     state: CudaSlice<u32>,
     tokens: CudaSlice<u32>,
@@ -280,10 +295,9 @@ impl GpuDecoder {
         let v_cache = stream
             .alloc_zeros::<u16>(kv_elems)
             .context("cannot allocate the KV cache")?;
-        // x | qkv | attn | mlp, each 256-byte aligned (all sizes are multiples of 64 floats).
-        let activations = stream.alloc_zeros::<f32>(HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE)?;
+        let activations = stream.alloc_zeros::<f32>(HIDDEN)?;
+        let tagged = stream.alloc_zeros::<u64>(TAGGED_WORDS)?;
         let attn_partials = stream.alloc_zeros::<f32>(NUM_Q_HEADS * max_chunks * (HEAD_DIM + 2))?;
-        // attention counters | grid barrier count (u64) | LM-head blocks done
         let counters = stream.alloc_zeros::<u32>(COUNTER_WORDS)?;
         let state = stream.alloc_zeros::<u32>(STATE_WORDS)?;
         let tokens = stream.alloc_zeros::<u32>(context + 1)?;
@@ -304,6 +318,7 @@ impl GpuDecoder {
         }
 
         let act = ptr(&activations, &stream);
+        let tag = ptr(&tagged, &stream);
         let count = ptr(&counters, &stream);
         let eps = config.rms_norm_eps as f32;
         let decode_params = DecodeParams {
@@ -313,12 +328,13 @@ impl GpuDecoder {
             k_cache: ptr(&k_cache, &stream),
             v_cache: ptr(&v_cache, &stream),
             x: act,
-            qkv: act + 4 * HIDDEN as u64,
-            attn: act + 4 * (HIDDEN + QKV_ROWS) as u64,
-            mlp: act + 4 * (HIDDEN + QKV_ROWS + Q_DIM) as u64,
+            x_tagged: tag,
+            qkv_tagged: tag + 8 * HIDDEN as u64,
+            attn_tagged: tag + 8 * (HIDDEN + QKV_ROWS) as u64,
+            mlp_tagged: tag + 8 * (HIDDEN + QKV_ROWS + Q_DIM) as u64,
             attn_partials: ptr(&attn_partials, &stream),
             attn_counters: count,
-            barrier: count + 4 * NUM_KV_HEADS as u64,
+            launches: count + 4 * MERGE_COUNTERS as u64,
             state: ptr(&state, &stream),
             tokens: ptr(&tokens, &stream),
             context: context as u32,
@@ -334,7 +350,7 @@ impl GpuDecoder {
             head: ptr(weights.head(), &stream),
             logits: 0,
             block_best: ptr(&block_best, &stream),
-            blocks_done: count + 4 * (NUM_KV_HEADS + 2) as u64,
+            blocks_done: count + 4 * (MERGE_COUNTERS + 2) as u64,
             state: ptr(&state, &stream),
             tokens: ptr(&tokens, &stream),
             predicted: ptr(&predicted, &stream),
@@ -359,6 +375,7 @@ impl GpuDecoder {
             v_cache,
             _buffers: (weights, attn_partials, block_best),
             activations,
+            tagged,
             prefill,
             counters,
             state,
@@ -407,6 +424,9 @@ impl GpuDecoder {
         // Every kernel leaves the counters consistent; zeroing them here means
         // a sequence never depends on what ran before it.
         self.stream.memset_zeros(&mut self.counters)?;
+        // Tags restart with the launch count: no value of an earlier sequence
+        // may carry one.
+        self.stream.memset_zeros(&mut self.tagged)?;
         if !tokens.is_empty() {
             self.stream
                 .memcpy_htod(tokens, &mut self.tokens.slice_mut(..tokens.len()))?;

@@ -5,33 +5,63 @@
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{ptr, wait_for, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS};
+use super::{ptr, wait_for, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS, PROFILE_WORDS};
 use crate::kernel_dims::{HEAD_DIM, HIDDEN, NUM_KV_HEADS, NUM_LAYERS};
+
+/// Where a decode step's time goes, from the kernel's own clocks.
+pub struct Profile {
+    /// Mean time of each phase (A..E) per layer in microseconds, as block 0
+    /// sees it: waiting for its inputs, then working.
+    pub phase_us: [[f64; 2]; 5],
+    /// Shares of block 0's producer time spent waiting for a slot the
+    /// consumers still read, and for the copy in flight.
+    pub producer_waits: [f64; 2],
+    /// Share of block 0's first consumer thread's time spent waiting for
+    /// weight rows to land in the ring.
+    pub consumer_ring_wait: f64,
+}
 
 impl GpuDecoder {
     /// Runs `steps` decode steps from the current state with the kernel's
-    /// phase timestamps on; returns the mean time of each phase (A..E) per
-    /// layer, in microseconds. Block 0 stamps each boundary after the barrier,
-    /// so a phase's time includes its barrier.
-    pub fn profile_phases(&self, steps: usize) -> Result<[f64; 5]> {
-        let stamps = self.stream.alloc_zeros::<u64>(steps * PHASE_STAMPS)?;
-        let base = ptr(&stamps, &self.stream);
+    /// profiling on.
+    pub fn profile(&self, steps: usize) -> Result<Profile> {
+        let words = self.stream.alloc_zeros::<u64>(steps * PROFILE_WORDS)?;
+        let base = ptr(&words, &self.stream);
         for step in 0..steps {
             let mut params = self.decode_params;
-            params.phase_times = base + (step * PHASE_STAMPS * 8) as u64;
+            params.phase_times = base + (step * PROFILE_WORDS * 8) as u64;
             self.launch_decode(&params)?;
             self.enqueue_lm_head(false)?;
         }
         self.synchronize()?;
-        let stamps = self.stream.clone_dtoh(&stamps)?;
-        let mut totals = [0f64; 5];
-        for step in stamps.chunks_exact(PHASE_STAMPS) {
-            for (i, pair) in step.windows(2).enumerate() {
-                totals[i % 5] += pair[1].saturating_sub(pair[0]) as f64;
+        let words = self.stream.clone_dtoh(&words)?;
+        let mut totals = [[0f64; 2]; 5];
+        let mut producer = [0f64; 3];
+        let mut consumer = [0f64; 2];
+        for step in words.chunks_exact(PROFILE_WORDS) {
+            let (stamps, clock) = step.split_at(PHASE_STAMPS);
+            let mut done = stamps[0];
+            for (i, pair) in stamps[1..].chunks_exact(2).enumerate() {
+                // A block with no attention task never stamps B's inputs.
+                let ready = if pair[0] == 0 { done } else { pair[0] };
+                totals[i % 5][0] += ready.saturating_sub(done) as f64;
+                totals[i % 5][1] += pair[1].saturating_sub(ready) as f64;
+                done = pair[1];
+            }
+            for (sum, &count) in producer.iter_mut().zip(&clock[..3]) {
+                *sum += count as f64;
+            }
+            for (sum, &count) in consumer.iter_mut().zip(&clock[3..]) {
+                *sum += count as f64;
             }
         }
         let per_layer = (steps * NUM_LAYERS) as f64 * 1e3; // ns -> us
-        Ok(totals.map(|t| t / per_layer))
+        let total = producer[0].max(1.0);
+        Ok(Profile {
+            phase_us: totals.map(|t| t.map(|ns| ns / per_layer)),
+            producer_waits: [producer[1] / total, producer[2] / total],
+            consumer_ring_wait: consumer[1] / consumer[0].max(1.0),
+        })
     }
 
     /// Random contents for the whole KV cache: timing attention at a long
