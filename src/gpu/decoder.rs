@@ -199,14 +199,21 @@ fn ring_slots(device: &Device) -> Result<usize> {
 /// Slot copies the decode kernel's producer keeps in flight:
 /// `QWEN_MK_DECODE_IN_FLIGHT` (1 to the ring's slots) when set, for tuning.
 fn ring_in_flight(ring_slots: usize) -> Result<usize> {
-    match std::env::var("QWEN_MK_DECODE_IN_FLIGHT") {
-        Err(_) => Ok(RING_IN_FLIGHT),
-        Ok(text) => match text.trim().parse::<usize>() {
-            Ok(n) if (1..=ring_slots).contains(&n) => Ok(n),
-            _ => bail!(
-                "QWEN_MK_DECODE_IN_FLIGHT={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
-            ),
-        },
+    parse_in_flight(
+        std::env::var("QWEN_MK_DECODE_IN_FLIGHT").ok().as_deref(),
+        ring_slots,
+    )
+}
+
+fn parse_in_flight(setting: Option<&str>, ring_slots: usize) -> Result<usize> {
+    let Some(text) = setting else {
+        return Ok(RING_IN_FLIGHT);
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=ring_slots).contains(&n) => Ok(n),
+        _ => bail!(
+            "QWEN_MK_DECODE_IN_FLIGHT={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
+        ),
     }
 }
 
@@ -611,5 +618,21 @@ impl GpuDecoder {
         self.synchronize()?;
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((first_token_ms, total_ms - first_token_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_in_flight_default_to_one_and_stay_within_the_ring() {
+        assert_eq!(parse_in_flight(None, 16).unwrap(), RING_IN_FLIGHT);
+        assert_eq!(parse_in_flight(Some("3"), 16).unwrap(), 3);
+        assert_eq!(parse_in_flight(Some(" 16 "), 16).unwrap(), 16);
+        for bad in ["0", "17", "-1", "two", ""] {
+            let err = parse_in_flight(Some(bad), 16).unwrap_err().to_string();
+            assert!(err.contains("QWEN_MK_DECODE_IN_FLIGHT"), "{bad}: {err}");
+        }
     }
 }
