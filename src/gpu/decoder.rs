@@ -44,7 +44,7 @@ struct DecodeState {
 }
 const STATE_WORDS: usize = std::mem::size_of::<DecodeState>() / 4;
 
-/// Mirrors `DecodeParams` in kernels/decode_megakernel.cu.
+/// Mirrors `DecodeParams` in kernels/decode_common.cuh.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct DecodeParams {

@@ -1,0 +1,116 @@
+// What the decode kernel's files share (decode_megakernel.cu,
+// decode_attention.cuh): the block's shape, the consumer warps' barrier, the
+// kernel's parameters, the tagged vectors phases hand on, and profiling.
+#pragma once
+
+#include "common.cuh"
+
+namespace qmk {
+
+constexpr int THREADS = QMK_DECODE_THREADS;
+constexpr int WARPS = THREADS / WARP;
+constexpr int CONSUMER_WARPS = WARPS - 1;
+constexpr int CONSUMERS = CONSUMER_WARPS * WARP;
+constexpr int PRODUCER_WARP = WARPS - 1;
+
+// The consumer warps' barrier (named barrier 1; 0 is __syncthreads').
+struct ConsumerSync {
+    __device__ __forceinline__ void operator()() const {
+        asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory");
+    }
+};
+__device__ __forceinline__ void consumer_sync() { ConsumerSync{}(); }
+
+struct DecodeParams {
+    const bf16* layers;          // NUM_LAYERS x QMK_LAYER_STRIDE, packed (src/gpu/weights.rs)
+    const bf16* embed;           // vocab x HIDDEN
+    const float* inv_freq;       // HEAD_DIM / 2 RoPE frequencies
+    bf16* k_cache;               // NUM_LAYERS x NUM_KV_HEADS x context x HEAD_DIM
+    bf16* v_cache;               // same layout
+    float* x;                    // residual stream after the last layer, HIDDEN (the LM head's input)
+    unsigned long long* x_tagged;     // residual stream, HIDDEN tagged values (TaggedVector)
+    unsigned long long* qkv_tagged;   // QKV_ROWS
+    unsigned long long* attn_tagged;  // Q_DIM
+    unsigned long long* mlp_tagged;   // INTERMEDIATE
+    float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
+    unsigned int* attn_counters; // NUM_LAYERS x NUM_KV_HEADS, zero between launches
+    unsigned long long* launches;  // block arrivals of every launch since the sequence began
+    const DecodeState* state;
+    const unsigned int* tokens;  // context + 1 token ids
+    unsigned int context;        // positions the KV cache holds
+    unsigned int max_chunks;     // attention chunks the partials buffer holds per head
+    float eps;                   // RMSNorm epsilon
+    unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
+    unsigned int ring_in_flight; // copies the producer keeps outstanding (<= ring_slots)
+    unsigned long long* phase_times;  // null, or PHASE_STAMPS timestamps + 3 producer and 2 consumer clock counts (bench --profile)
+};
+
+__device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int layer, int offset) {
+    return p.layers + (size_t)layer * QMK_LAYER_STRIDE + offset;
+}
+
+// ---- the vectors phases hand on ----------------------------------------------------
+
+// A phase's output for other blocks is a vector of 64-bit words: the f32
+// value in the low half, in the high half the tag of the write, unique to
+// (launch, layer, handoff) within a sequence. An aligned 64-bit store is
+// single-copy atomic, so a reader that sees the tag it expects sees that
+// write's value. Readers spin on the values themselves: no grid barrier, no
+// flag to read before the data. A block can only write a handoff once every
+// block has read the previous one it overwrites, because each phase needs
+// the whole output of the phase before it, which every block has a part in.
+// The host zeroes the vectors (tag 0 is never written) with the counters at
+// the start of a sequence.
+enum Handoff { QKV_OUT = 0, ATTN_OUT = 1, X_AFTER_ATTN = 2, MLP_OUT = 3, X_AFTER_MLP = 4, HANDOFFS = 5 };
+
+struct TaggedVector {
+    unsigned long long* words;
+    unsigned int tag;
+
+    __device__ void store(int i, float value) const {
+        const unsigned long long word = ((unsigned long long)tag << 32) | __float_as_uint(value);
+        asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(words + i), "l"(word) : "memory");
+    }
+    // Starts reading element i; `await` finishes it. Issue every load before
+    // the first await, so that they travel together.
+    __device__ unsigned long long load(int i) const {
+        unsigned long long word;
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(words + i) : "memory");
+        return word;
+    }
+    __device__ float await(int i, unsigned long long word) const {
+        while ((unsigned int)(word >> 32) != tag) word = load(i);
+        return __uint_as_float((unsigned int)word);
+    }
+};
+
+// The handoffs of one launch: tags launch * 5 * NUM_LAYERS + 1 onwards.
+struct Handoffs {
+    const DecodeParams* p;
+    const unsigned int* first_tag;  // in shared memory, set in layer 0 before the first handoff
+
+    __device__ TaggedVector at(int layer, Handoff h) const {
+        unsigned long long* words = h == QKV_OUT ? p->qkv_tagged
+                                    : h == ATTN_OUT ? p->attn_tagged
+                                    : h == MLP_OUT  ? p->mlp_tagged
+                                                    : p->x_tagged;
+        return {words, *first_tag + (unsigned int)(layer * HANDOFFS + h)};
+    }
+};
+
+// ---- profiling ---------------------------------------------------------------------
+
+// `qwen-mk bench --profile`: block 0 stamps the global timer at the start,
+// then twice per phase: when its inputs have arrived, and when it is done.
+constexpr int PHASE_STAMPS = 1 + 2 * 5 * NUM_LAYERS;
+enum Stamp { INPUTS_READY = 0, PHASE_DONE = 1 };
+
+__device__ __forceinline__ void stamp_phase(const DecodeParams& p, int layer, int phase, Stamp what) {
+    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        p.phase_times[layer < 0 ? 0 : 1 + (layer * 5 + phase) * 2 + what] = now;
+    }
+}
+
+}  // namespace qmk
