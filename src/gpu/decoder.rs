@@ -185,11 +185,14 @@ fn ring_slots(device: &Device) -> Result<usize> {
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
         as usize;
     let fixed = device.decode_step.shared_size_bytes()? as usize;
+    slots_that_fit(&device.name, opt_in, fixed)
+}
+
+fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
     let slots = (opt_in.saturating_sub(fixed) / RING_SLOT_BYTES).min(RING_MAX_SLOTS);
     if slots < RING_MIN_SLOTS {
         bail!(
-            "{} gives a block {opt_in} bytes of shared memory; the decode kernel needs {}",
-            device.name,
+            "{gpu} gives a block {opt_in} bytes of shared memory; the decode kernel needs {}",
             fixed + RING_MIN_SLOTS * RING_SLOT_BYTES
         );
     }
@@ -624,6 +627,21 @@ impl GpuDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ring_takes_the_shared_memory_a_block_may_have() {
+        // The decode kernel's static shared memory as ptxas reports it.
+        let fixed = 33_664;
+        // H100 / H200: 227 KB a block: the ring's limit of 16 slots.
+        assert_eq!(slots_that_fit("H100", 232_448, fixed).unwrap(), 16);
+        // RTX 5090: 99 KB a block: 5 slots of 12 KB.
+        assert_eq!(slots_that_fit("RTX 5090", 101_376, fixed).unwrap(), 5);
+        let err = slots_that_fit("small", 48 * 1024, fixed).unwrap_err();
+        assert!(
+            err.to_string().contains("small gives a block 49152 bytes"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn copies_in_flight_default_to_one_and_stay_within_the_ring() {
