@@ -203,7 +203,7 @@ fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
 /// `QWEN_MK_DECODE_IN_FLIGHT` (1 to the ring's slots) when set, for tuning.
 fn ring_in_flight(ring_slots: usize) -> Result<usize> {
     parse_in_flight(
-        std::env::var("QWEN_MK_DECODE_IN_FLIGHT").ok().as_deref(),
+        super::env_setting("QWEN_MK_DECODE_IN_FLIGHT")?.as_deref(),
         ring_slots,
     )
 }

@@ -131,7 +131,7 @@ impl Device {
         let bench_module = load(embedded::BENCH_KERNELS)?;
         let prefill_module = load(embedded::PREFILL)?;
         let attention =
-            AttentionKernel::choose(major, std::env::var(ATTENTION_ENV).ok().as_deref())?;
+            AttentionKernel::choose(major, super::env_setting(ATTENTION_ENV)?.as_deref())?;
         let attention_module = load(attention.image())?;
         let prefill = PrefillKernels {
             embed: prefill_module.load_function("prefill_embed")?,
