@@ -42,7 +42,7 @@ struct DecodeParams {
     float eps;                   // RMSNorm epsilon
     unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
     unsigned int ring_in_flight; // copies the producer keeps outstanding (<= ring_slots)
-    unsigned long long* phase_times;  // null, or PHASE_STAMPS timestamps + 3 producer and 2 consumer clock counts (bench --profile)
+    unsigned long long* phase_times;  // null, or every block's PHASE_STAMPS timestamps + block 0's 3 producer and 2 consumer clock counts (bench --profile)
 };
 
 __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int layer, int offset) {
@@ -100,17 +100,24 @@ struct Handoffs {
 
 // ---- profiling ---------------------------------------------------------------------
 
-// `qwen-mk bench --profile`: block 0 stamps the global timer at the start,
-// then twice per phase: when its inputs have arrived, and when it is done.
+// `qwen-mk bench --profile`: every block's thread 0 stamps the global timer
+// at the start, then twice per phase: when its inputs have arrived, and when
+// it is done. Block b's stamps are words [b, b + 1) x PHASE_STAMPS of
+// phase_times; block 0's clock counts follow the last block's stamps.
 constexpr int PHASE_STAMPS = 1 + 2 * 5 * NUM_LAYERS;
 enum Stamp { INPUTS_READY = 0, PHASE_DONE = 1 };
 
 __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int layer, int phase, Stamp what) {
-    if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    if (p.phase_times != nullptr && threadIdx.x == 0) {
         unsigned long long now;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-        p.phase_times[layer < 0 ? 0 : 1 + (layer * 5 + phase) * 2 + what] = now;
+        p.phase_times[blockIdx.x * PHASE_STAMPS + (layer < 0 ? 0 : 1 + (layer * 5 + phase) * 2 + what)] = now;
     }
+}
+
+// Where block 0's clock counts go (after every block's stamps).
+__device__ __forceinline__ unsigned long long* profile_clocks(const DecodeParams& p) {
+    return p.phase_times + (size_t)gridDim.x * PHASE_STAMPS;
 }
 
 }  // namespace qmk

@@ -154,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {
             const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;
-            ring.produce(p.layers, (int)p.ring_in_flight, profiled ? p.phase_times + PHASE_STAMPS : nullptr);
+            ring.produce(p.layers, (int)p.ring_in_flight, profiled ? profile_clocks(p) : nullptr);
         }
         return;
     }
@@ -235,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         stamp_phase(p, layer, 4, PHASE_DONE);
     }
     if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-        p.phase_times[PHASE_STAMPS + 3] = clock64() - start;
-        p.phase_times[PHASE_STAMPS + 4] = ring_wait;
+        profile_clocks(p)[3] = clock64() - start;
+        profile_clocks(p)[4] = ring_wait;
     }
 }
 

@@ -196,6 +196,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             );
         }
         println!("(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)");
+        println!("handoffs over all blocks, us per layer: the last writer's end after the median writer's (straggle), and the median reader's inputs after the last writer's end (latency); the writers most often last");
+        for (position, profile) in &profiles {
+            for (name, h) in ["A qkv", "B attn", "C o", "D gate/up", "E down"]
+                .iter()
+                .zip(&profile.handoffs)
+            {
+                let last: Vec<String> = h
+                    .last_writers
+                    .iter()
+                    .map(|(b, share)| format!("{b} ({:.0}%)", share * 100.0))
+                    .collect();
+                println!(
+                    "{position:>9} {name:>11}   straggle {:>5.2}   latency {:>5.2}   last: {}",
+                    h.straggle_us,
+                    h.latency_us,
+                    last.join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -72,14 +72,15 @@ struct DecodeParams {
 }
 unsafe impl DeviceRepr for DecodeParams {}
 
-/// Timestamps one profiled decode step records: the start, then for each of
-/// the five phases of every layer, when block 0 has its inputs and when it
-/// is done.
+/// Timestamps one block records in a profiled decode step: the start, then
+/// for each of the five phases of every layer, when the block has its inputs
+/// and when it is done.
 pub const PHASE_STAMPS: usize = 1 + 2 * 5 * NUM_LAYERS;
-/// Words a profiled step writes: the stamps, then block 0's producer clock
-/// counts (total cycles, cycles waiting for a free slot, for the copy in
-/// flight), then its thread 0's (total cycles, cycles waiting for ring rows).
-const PROFILE_WORDS: usize = PHASE_STAMPS + 5;
+/// Words a profiled step writes after every block's stamps: block 0's
+/// producer clock counts (total cycles, cycles waiting for a free slot, for
+/// the copy in flight), then its thread 0's (total cycles, cycles waiting for
+/// ring rows).
+const PROFILE_CLOCKS: usize = 5;
 
 /// Mirrors `LmHeadParams` in kernels/lm_head.cu.
 #[repr(C)]

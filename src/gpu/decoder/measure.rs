@@ -2,10 +2,12 @@
 //! per-phase kernel times, random KV-cache contents for long positions, and
 //! the bytes a step must read.
 
+use std::cmp::Reverse;
+
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{ptr, wait_for, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS, PROFILE_WORDS};
+use super::{ptr, wait_for, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS, PROFILE_CLOCKS};
 use crate::kernel_dims::{HEAD_DIM, HIDDEN, NUM_KV_HEADS, NUM_LAYERS};
 
 /// Where a decode step's time goes, from the kernel's own clocks.
@@ -13,6 +15,8 @@ pub struct Profile {
     /// Mean time of each phase (A..E) per layer in microseconds, as block 0
     /// sees it: waiting for its inputs, then working.
     pub phase_us: [[f64; 2]; 5],
+    /// How each phase's output reaches the next phase, over all blocks.
+    pub handoffs: [Handoff; 5],
     /// Shares of block 0's producer time spent waiting for a slot the
     /// consumers still read, and for the copy in flight.
     pub producer_waits: [f64; 2],
@@ -21,32 +25,81 @@ pub struct Profile {
     pub consumer_ring_wait: f64,
 }
 
-impl GpuDecoder {
-    /// Runs `steps` decode steps from the current state with the kernel's
-    /// profiling on.
-    pub fn profile(&self, steps: usize) -> Result<Profile> {
-        let words = self.stream.alloc_zeros::<u64>(steps * PROFILE_WORDS)?;
-        let base = ptr(&words, &self.stream);
-        for step in 0..steps {
-            let mut params = self.decode_params;
-            params.phase_times = base + (step * PROFILE_WORDS * 8) as u64;
-            self.launch_decode(&params)?;
-            self.enqueue_lm_head(false)?;
-        }
-        self.synchronize()?;
-        let words = self.stream.clone_dtoh(&words)?;
-        let mut totals = [[0f64; 2]; 5];
+/// One phase's output on its way to the next phase, averaged over layers
+/// and steps. A phase's writers are the blocks that work in it (in B, those
+/// with an attention task), its readers those of the next phase.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Handoff {
+    /// Microseconds from the median writer's end of the phase to the last's.
+    pub straggle_us: f64,
+    /// Microseconds from the last writer's end to the median reader having
+    /// its inputs (E of the last layer has no reader and is left out).
+    pub latency_us: f64,
+    /// The writers most often last, with the share of phases they were last in.
+    pub last_writers: Vec<(usize, f64)>,
+}
+
+impl Profile {
+    /// Reads the words of `steps` profiled steps of a `blocks`-block grid
+    /// (kernels/decode_common.cuh: every block's stamps, then block 0's
+    /// clock counts).
+    pub fn from_words(words: &[u64], blocks: usize) -> Profile {
+        let step_words = blocks * PHASE_STAMPS + PROFILE_CLOCKS;
+        let steps = words.len() / step_words;
+        let mut phase_ns = [[0f64; 2]; 5];
+        let mut straggle_ns = [0f64; 5];
+        let mut latency_ns = [0f64; 5];
+        let mut last_counts = vec![[0usize; 5]; blocks];
         let mut producer = [0f64; 3];
         let mut consumer = [0f64; 2];
-        for step in words.chunks_exact(PROFILE_WORDS) {
-            let (stamps, clock) = step.split_at(PHASE_STAMPS);
-            let mut done = stamps[0];
-            for (i, pair) in stamps[1..].chunks_exact(2).enumerate() {
-                // A block with no attention task never stamps B's inputs.
-                let ready = if pair[0] == 0 { done } else { pair[0] };
-                totals[i % 5][0] += ready.saturating_sub(done) as f64;
-                totals[i % 5][1] += pair[1].saturating_sub(ready) as f64;
-                done = pair[1];
+        for step in words.chunks_exact(step_words) {
+            let (stamps, clock) = step.split_at(blocks * PHASE_STAMPS);
+            let block = |b: usize| &stamps[b * PHASE_STAMPS..(b + 1) * PHASE_STAMPS];
+            // (inputs ready, done) of phase `i` of `layer` in block `b`; a
+            // block with no attention task never stamps B's inputs.
+            let stamp = |b: usize, layer: usize, i: usize| {
+                let at = 1 + (layer * 5 + i) * 2;
+                (block(b)[at], block(b)[at + 1])
+            };
+            let works = |b: usize, layer: usize, i: usize| i != 1 || stamp(b, layer, i).0 != 0;
+
+            let mut done = block(0)[0];
+            for layer in 0..NUM_LAYERS {
+                for (i, phase) in phase_ns.iter_mut().enumerate() {
+                    let (ready, end) = stamp(0, layer, i);
+                    let ready = if ready == 0 { done } else { ready };
+                    phase[0] += ready.saturating_sub(done) as f64;
+                    phase[1] += end.saturating_sub(ready) as f64;
+                    done = end;
+
+                    let writers: Vec<usize> = (0..blocks).filter(|&b| works(b, layer, i)).collect();
+                    // The last to end; on a tie, the lowest block.
+                    let Some(&last) = writers
+                        .iter()
+                        .min_by_key(|&&b| (Reverse(stamp(b, layer, i).1), b))
+                    else {
+                        continue;
+                    };
+                    let last_end = stamp(last, layer, i).1;
+                    let mut ends: Vec<f64> = writers
+                        .iter()
+                        .map(|&b| stamp(b, layer, i).1 as f64)
+                        .collect();
+                    straggle_ns[i] += last_end as f64 - median(&mut ends);
+                    last_counts[last][i] += 1;
+                    let (next_layer, next) = if i == 4 {
+                        (layer + 1, 0)
+                    } else {
+                        (layer, i + 1)
+                    };
+                    if next_layer < NUM_LAYERS {
+                        let mut readies: Vec<f64> = (0..blocks)
+                            .filter(|&b| works(b, next_layer, next))
+                            .map(|b| stamp(b, next_layer, next).0 as f64)
+                            .collect();
+                        latency_ns[i] += median(&mut readies) - last_end as f64;
+                    }
+                }
             }
             for (sum, &count) in producer.iter_mut().zip(&clock[..3]) {
                 *sum += count as f64;
@@ -55,13 +108,50 @@ impl GpuDecoder {
                 *sum += count as f64;
             }
         }
-        let per_layer = (steps * NUM_LAYERS) as f64 * 1e3; // ns -> us
+        let per_layer = ((steps * NUM_LAYERS) as f64 * 1e3).max(1.0); // ns -> us
+        let with_reader = ((steps * (NUM_LAYERS - 1)) as f64 * 1e3).max(1.0);
+        let handoffs = std::array::from_fn(|i| {
+            let mut last_writers: Vec<(usize, f64)> = (0..blocks)
+                .filter(|&b| last_counts[b][i] > 0)
+                .map(|b| (b, last_counts[b][i] as f64 / (steps * NUM_LAYERS) as f64))
+                .collect();
+            last_writers.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            last_writers.truncate(3);
+            Handoff {
+                straggle_us: straggle_ns[i] / per_layer,
+                latency_us: latency_ns[i] / if i == 4 { with_reader } else { per_layer },
+                last_writers,
+            }
+        });
         let total = producer[0].max(1.0);
-        Ok(Profile {
-            phase_us: totals.map(|t| t.map(|ns| ns / per_layer)),
+        Profile {
+            phase_us: phase_ns.map(|t| t.map(|ns| ns / per_layer)),
+            handoffs,
             producer_waits: [producer[1] / total, producer[2] / total],
             consumer_ring_wait: consumer[1] / consumer[0].max(1.0),
-        })
+        }
+    }
+}
+
+impl GpuDecoder {
+    /// Runs `steps` decode steps from the current state with the kernel's
+    /// profiling on.
+    pub fn profile(&self, steps: usize) -> Result<Profile> {
+        let blocks = self.decode_blocks as usize;
+        let step_words = blocks * PHASE_STAMPS + PROFILE_CLOCKS;
+        let words = self.stream.alloc_zeros::<u64>(steps * step_words)?;
+        let base = ptr(&words, &self.stream);
+        for step in 0..steps {
+            let mut params = self.decode_params;
+            params.phase_times = base + (step * step_words * 8) as u64;
+            self.launch_decode(&params)?;
+            self.enqueue_lm_head(false)?;
+        }
+        self.synchronize()?;
+        Ok(Profile::from_words(
+            &self.stream.clone_dtoh(&words)?,
+            blocks,
+        ))
     }
 
     /// Random contents for the whole KV cache: timing attention at a long
@@ -130,5 +220,64 @@ pub fn median(values: &mut [f64]) -> f64 {
         0 => f64::NAN,
         n if n % 2 == 1 => values[n / 2],
         n => 0.5 * (values[n / 2 - 1] + values[n / 2]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A made-up profile of three blocks, one step: every phase of every
+    /// layer takes 10 ns to get its inputs and 100 ns of work in block 0;
+    /// block 2 ends every phase 40 ns after the others, and only blocks 0
+    /// and 1 have attention tasks.
+    fn words() -> Vec<u64> {
+        let blocks = 3;
+        let mut w = vec![0u64; blocks * PHASE_STAMPS + PROFILE_CLOCKS];
+        for b in 0..blocks {
+            let stamps = &mut w[b * PHASE_STAMPS..(b + 1) * PHASE_STAMPS];
+            stamps[0] = 1_000;
+            for k in 0..5 * NUM_LAYERS {
+                let t = 1_000 + 110 * k as u64;
+                if k % 5 != 1 || b < 2 {
+                    stamps[1 + 2 * k] = t + 10;
+                }
+                stamps[2 + 2 * k] = t + 110 + if b == 2 { 40 } else { 0 };
+            }
+        }
+        let clocks = &mut w[blocks * PHASE_STAMPS..];
+        clocks.copy_from_slice(&[1000, 450, 400, 2000, 100]);
+        w
+    }
+
+    #[test]
+    fn profile_reads_block_zero_phases_and_every_blocks_handoffs() {
+        let p = Profile::from_words(&words(), 3);
+        for phase in p.phase_us {
+            assert!(
+                (phase[0] - 0.010).abs() < 1e-9 && (phase[1] - 0.100).abs() < 1e-9,
+                "{phase:?}"
+            );
+        }
+        // B's writers are blocks 0 and 1 (they end together); the others'
+        // last writer is block 2, 40 ns after the median.
+        assert_eq!(p.handoffs[1].last_writers, vec![(0, 1.0)]);
+        assert!(p.handoffs[1].straggle_us.abs() < 1e-9);
+        for i in [0, 2, 3, 4] {
+            assert_eq!(p.handoffs[i].last_writers, vec![(2, 1.0)]);
+            assert!((p.handoffs[i].straggle_us - 0.040).abs() < 1e-9);
+            // The median reader has its inputs 10 ns after the median
+            // writer's end: 30 ns before the last writer's.
+            assert!(
+                (p.handoffs[i].latency_us + 0.030).abs() < 1e-9,
+                "{}",
+                p.handoffs[i].latency_us
+            );
+        }
+        assert!(
+            (p.producer_waits[0] - 0.45).abs() < 1e-12
+                && (p.producer_waits[1] - 0.40).abs() < 1e-12
+        );
+        assert!((p.consumer_ring_wait - 0.05).abs() < 1e-12);
     }
 }
