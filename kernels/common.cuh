@@ -136,27 +136,44 @@ __device__ __forceinline__ void split_range(int total, int part, int parts, int&
     end = (int)((long long)total * (part + 1) / parts);
 }
 
-// RMSNorm of `n` floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
-// `x` is either f32 (written in this launch: coherent loads) or a bf16 row.
+// Vectors rms_norm_to_shared reads: `load(i)` starts reading element i and
+// `await(i, raw)` finishes it, so that every load can be issued before the
+// first is used. (The decode kernel's tagged vectors are a third kind.)
+struct CoherentF32 {  // f32 written in this launch: read at L2
+    const float* values;
+    __device__ float load(int i) const { return load_coherent(values + i); }
+    __device__ float await(int, float value) const { return value; }
+};
+struct Bf16Row {  // read-only bf16, such as an embedding row
+    const bf16* values;
+    __device__ float load(int i) const { return bf16_to_f32(values[i]); }
+    __device__ float await(int, float value) const { return value; }
+};
+
+// RMSNorm of N floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
 // Every load is issued before the first use: one round trip to memory, not
 // one for x and another for the weight.
-template <int THREADS, int N, typename Sync = BlockSync>
-__device__ __forceinline__ void rms_norm_to_shared(const float* x_f32, const bf16* x_bf16, const bf16* weight,
-                                                   float eps, float* out, float* scratch) {
+template <int THREADS, int N, typename Sync = BlockSync, typename Source>
+__device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* weight, float eps, float* out,
+                                                   float* scratch) {
     constexpr int PER_THREAD = (N + THREADS - 1) / THREADS;
+    decltype(x.load(0)) raw[PER_THREAD];
     float v[PER_THREAD], w[PER_THREAD];
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        v[k] = w[k] = 0.f;
         if (i < N) {
-            v[k] = x_f32 ? load_coherent(x_f32 + i) : bf16_to_f32(x_bf16[i]);
+            raw[k] = x.load(i);
             w[k] = bf16_to_f32(weight[i]);
         }
     }
     float ss = 0.f;
 #pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) ss = fmaf(v[k], v[k], ss);
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        v[k] = i < N ? x.await(i, raw[k]) : 0.f;
+        ss = fmaf(v[k], v[k], ss);
+    }
     const float inv_rms = rsqrtf(block_sum<THREADS, Sync>(ss, scratch) / N + eps);
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {

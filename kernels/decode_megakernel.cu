@@ -105,37 +105,6 @@ __device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float*
     consumer_sync();
 }
 
-// RMSNorm of the handed-on residual stream into shared memory (as
-// rms_norm_to_shared; the weights load with the first read of x).
-__device__ __forceinline__ void gather_rms_norm(const TaggedVector& x, const bf16* weight, float eps, float* out,
-                                                float* scratch) {
-    constexpr int PER_THREAD = (HIDDEN + CONSUMERS - 1) / CONSUMERS;
-    unsigned long long words[PER_THREAD];
-    float v[PER_THREAD], w[PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * CONSUMERS;
-        if (i < HIDDEN) {
-            words[k] = x.load(i);
-            w[k] = bf16_to_f32(weight[i]);
-        }
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * CONSUMERS;
-        v[k] = i < HIDDEN ? x.await(i, words[k]) : 0.f;
-        ss = fmaf(v[k], v[k], ss);
-    }
-    const float inv_rms = rsqrtf(block_sum<CONSUMERS, ConsumerSync>(ss, scratch) / HIDDEN + eps);
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * CONSUMERS;
-        if (i < HIDDEN) out[i] = v[k] * inv_rms * w[k];
-    }
-    consumer_sync();
-}
-
 // ---- the kernel ------------------------------------------------------------------
 
 
@@ -184,12 +153,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         // A: RMSNorm + QKV projection.
         const bf16* input_norm = layer_weights(p, layer, QMK_OFF_INPUT_NORM);
         if (first) {
-            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(nullptr, embedding, input_norm, p.eps, sm.vec,
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(Bf16Row{embedding}, input_norm, p.eps, sm.vec,
                                                                 scratch);
             if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
             consumer_sync();
         } else {
-            gather_rms_norm(handoffs.at(layer - 1, X_AFTER_MLP), input_norm, p.eps, sm.vec, scratch);
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(handoffs.at(layer - 1, X_AFTER_MLP), input_norm,
+                                                                p.eps, sm.vec, scratch);
         }
         stamp_phase(p, layer, 0, INPUTS_READY);
         const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
@@ -216,7 +186,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
         // before it writes sm.vec).
-        gather_rms_norm(x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
+        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM),
+                                                            p.eps, sm.vec, scratch);
         stamp_phase(p, layer, 3, INPUTS_READY);
         project<GATE_UP_PROJ>(ring, layer, sm.vec, ring_wait,
                               [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });

@@ -60,7 +60,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams
 
     if (p.state->done) return;  // nobody writes `done` until every block has passed here
 
-    rms_norm_to_shared<THREADS, HIDDEN>(p.x, nullptr, p.final_norm, p.eps, normed, scratch);
+    rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);
 
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     constexpr int SLICES = HIDDEN / (8 * WARP);
