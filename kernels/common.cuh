@@ -65,10 +65,8 @@ __device__ __forceinline__ float bf16_lo(unsigned int pair) { return __uint_as_f
 __device__ __forceinline__ float bf16_hi(unsigned int pair) { return __uint_as_float(pair & 0xffff0000u); }
 __device__ __forceinline__ float bf16_to_f32(bf16 v) { return __bfloat162float(v); }
 
-// Dot product of 8 packed bf16 with 8 floats (16-byte aligned).
-__device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
-    const float4 a = *reinterpret_cast<const float4*>(x);
-    const float4 b = *reinterpret_cast<const float4*>(x + 4);
+// Dot product of 8 packed bf16 with 8 floats (a then b).
+__device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc) {
     acc = fmaf(bf16_lo(w.x), a.x, acc);
     acc = fmaf(bf16_hi(w.x), a.y, acc);
     acc = fmaf(bf16_lo(w.y), a.z, acc);
@@ -78,6 +76,11 @@ __device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
     acc = fmaf(bf16_lo(w.w), b.z, acc);
     acc = fmaf(bf16_hi(w.w), b.w, acc);
     return acc;
+}
+
+// The same with the 8 floats at x (16-byte aligned).
+__device__ __forceinline__ float dot8(uint4 w, const float* x, float acc) {
+    return dot8(w, *reinterpret_cast<const float4*>(x), *reinterpret_cast<const float4*>(x + 4), acc);
 }
 
 // Two floats rounded to bf16 and packed, the first in the low half.
@@ -150,10 +153,15 @@ struct Bf16Row {  // read-only bf16, such as an embedding row
     __device__ float await(int, float value) const { return value; }
 };
 
+// Where element i of a vector goes in shared memory: by default, at i.
+struct InOrder {
+    static __device__ __forceinline__ int at(int i) { return i; }
+};
+
 // RMSNorm of N floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
 // Every load is issued before the first use: one round trip to memory, not
-// one for x and another for the weight.
-template <int THREADS, int N, typename Sync = BlockSync, typename Source>
+// one for x and another for the weight. Element i goes to out[Layout::at(i)].
+template <int THREADS, int N, typename Sync = BlockSync, typename Layout = InOrder, typename Source>
 __device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* weight, float eps, float* out,
                                                    float* scratch) {
     constexpr int PER_THREAD = (N + THREADS - 1) / THREADS;
@@ -178,7 +186,7 @@ __device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* 
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        if (i < N) out[i] = v[k] * inv_rms * w[k];
+        if (i < N) out[Layout::at(i)] = v[k] * inv_rms * w[k];
     }
     Sync{}();
 }

@@ -44,17 +44,28 @@ union SharedStorage {
     AttentionShared attn;
 };
 
+// How a projection's input vector lies in shared memory. A lane reads 8
+// floats (32 bytes) of it per step as two 16-byte loads; in order, lanes 32
+// bytes apart would put two lanes of every quarter-warp on the same banks.
+// Swapping the two halves of the 8 for lanes 4-7 of every 8 (bit 5 of the
+// element index) makes each load cover all 32 banks once.
+struct ProjectionLayout {
+    static __device__ __forceinline__ int at(int i) { return i ^ (((i >> 5) & 1) << 2); }
+};
+
 // Dot product of a bf16 row of K (in shared memory) with `vec` (K floats in
-// shared memory), summed over the warp: every lane gets it.
+// shared memory, ProjectionLayout), summed over the warp: every lane gets it.
 template <int K>
 __device__ __forceinline__ float row_dot(const unsigned char* row, const float* vec) {
     const int lane = threadIdx.x % WARP;
+    const int first = (lane >> 2 & 1) * 4;  // where this lane's first four of the 8 lie
     const bf16* w = reinterpret_cast<const bf16*>(row);
     float acc = 0.f;
 #pragma unroll
     for (int s = 0; s < K / (8 * WARP); ++s) {
         const int at = (s * WARP + lane) * 8;
-        acc = dot8(*reinterpret_cast<const uint4*>(w + at), vec + at, acc);
+        acc = dot8(*reinterpret_cast<const uint4*>(w + at), *reinterpret_cast<const float4*>(vec + at + first),
+                   *reinterpret_cast<const float4*>(vec + at + 4 - first), acc);
     }
     return warp_sum(acc);
 }
@@ -87,7 +98,7 @@ __device__ __forceinline__ void project(const WeightRing& ring, int layer, const
     }
 }
 
-// The whole of a handed-on vector into shared memory.
+// The whole of a handed-on vector into shared memory (ProjectionLayout).
 template <int N>
 __device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float* dst) {
     constexpr int PER_THREAD = (N + CONSUMERS - 1) / CONSUMERS;
@@ -100,7 +111,7 @@ __device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float*
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * CONSUMERS;
-        if (i < N) dst[i] = src.await(i, words[k]);
+        if (i < N) dst[ProjectionLayout::at(i)] = src.await(i, words[k]);
     }
     consumer_sync();
 }
@@ -151,15 +162,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         const bool first = layer == 0;
         const bool last = layer + 1 == NUM_LAYERS;
         // A: RMSNorm + QKV projection.
-        const bf16* input_norm = layer_weights(p, layer, QMK_OFF_INPUT_NORM);
         if (first) {
-            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(Bf16Row{embedding}, input_norm, p.eps, sm.vec,
-                                                                scratch);
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+                Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
             if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
             consumer_sync();
         } else {
-            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(handoffs.at(layer - 1, X_AFTER_MLP), input_norm,
-                                                                p.eps, sm.vec, scratch);
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+                handoffs.at(layer - 1, X_AFTER_MLP), layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec,
+                scratch);
         }
         stamp_phase(p, layer, 0, INPUTS_READY);
         const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
@@ -186,8 +197,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
         // before it writes sm.vec).
-        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync>(x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM),
-                                                            p.eps, sm.vec, scratch);
+        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+            x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
         stamp_phase(p, layer, 3, INPUTS_READY);
         project<GATE_UP_PROJ>(ring, layer, sm.vec, ring_wait,
                               [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
