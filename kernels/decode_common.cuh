@@ -102,13 +102,17 @@ struct Handoffs {
 
 // `qwen-mk bench --profile`: every block's thread 0 stamps the global timer
 // at the start, then twice per phase: when its inputs have arrived, and when
-// it is done. Block b's stamps are words [b, b + 1) x PHASE_STAMPS of
+// all its warps are done. Block b's stamps are words [b, b + 1) x PHASE_STAMPS of
 // phase_times; block 0's clock counts follow the last block's stamps.
 constexpr int PHASE_STAMPS = 1 + 2 * 5 * NUM_LAYERS;
 enum Stamp { INPUTS_READY = 0, PHASE_DONE = 1 };
 
+// Every consumer thread calls it. A phase is done when its last warp is:
+// the profiled kernel waits for them all before stamping PHASE_DONE.
 __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int layer, int phase, Stamp what) {
-    if (p.phase_times != nullptr && threadIdx.x == 0) {
+    if (p.phase_times == nullptr) return;
+    if (what == PHASE_DONE) ConsumerSync{}();
+    if (threadIdx.x == 0) {
         unsigned long long now;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
         p.phase_times[blockIdx.x * PHASE_STAMPS + (layer < 0 ? 0 : 1 + (layer * 5 + phase) * 2 + what)] = now;
