@@ -139,19 +139,42 @@ __device__ __forceinline__ void split_range(int total, int part, int parts, int&
     end = (int)((long long)total * (part + 1) / parts);
 }
 
-// Vectors rms_norm_to_shared reads: `load(i)` starts reading element i and
-// `await(i, raw)` finishes it, so that every load can be issued before the
-// first is used. (The decode kernel's tagged vectors are a third kind.)
+// Vectors read with every load issued before the first is used: `load(i)`
+// starts reading element i; a read is over when `ready(raw)`, and then
+// `value(raw)` is the element. (The decode kernel's tagged vectors, which
+// may not be written yet, are a third kind.)
 struct CoherentF32 {  // f32 written in this launch: read at L2
     const float* values;
     __device__ float load(int i) const { return load_coherent(values + i); }
-    __device__ float await(int, float value) const { return value; }
+    __device__ bool ready(float) const { return true; }
+    __device__ float value(float raw) const { return raw; }
 };
 struct Bf16Row {  // read-only bf16, such as an embedding row
     const bf16* values;
     __device__ float load(int i) const { return bf16_to_f32(values[i]); }
-    __device__ float await(int, float value) const { return value; }
+    __device__ bool ready(float) const { return true; }
+    __device__ float value(float raw) const { return raw; }
 };
+
+// Finishes the reads of elements index(k), k < K (none where it is
+// negative), started with src.load. Elements not ready yet are all read
+// again at once: each round of polling costs one round trip, however many
+// elements are late.
+template <int K, typename Source, typename Raw, typename Index>
+__device__ __forceinline__ void await_all(const Source& src, Raw (&raw)[K], Index index) {
+    for (;;) {
+        bool late = false;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int i = index(k);
+            if (i >= 0 && !src.ready(raw[k])) {
+                raw[k] = src.load(i);
+                late = true;
+            }
+        }
+        if (!late) return;
+    }
+}
 
 // Where element i of a vector goes in shared memory: by default, at i.
 struct InOrder {
@@ -175,11 +198,12 @@ __device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* 
             w[k] = bf16_to_f32(weight[i]);
         }
     }
+    await_all(x, raw, [](int k) { const int i = threadIdx.x + k * THREADS; return i < N ? i : -1; });
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        v[k] = i < N ? x.await(i, raw[k]) : 0.f;
+        v[k] = i < N ? x.value(raw[k]) : 0.f;
         ss = fmaf(v[k], v[k], ss);
     }
     const float inv_rms = rsqrtf(block_sum<THREADS, Sync>(ss, scratch) / N + eps);

@@ -42,9 +42,10 @@ __device__ void attention_chunk(const DecodeParams& p, const TaggedVector& qkv, 
         unsigned long long words[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
+        await_all(qkv, words, [&](int i) { return row0 + lane + 32 * i; });
         float v[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = qkv.await(row0 + lane + 32 * i, words[i]);
+        for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);
         if (is_q || is_k) {
             const bf16* norm = layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM);
             norm_rope_head(v, norm, p.inv_freq, (float)pos, p.eps);

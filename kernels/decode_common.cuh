@@ -71,17 +71,14 @@ struct TaggedVector {
         const unsigned long long word = ((unsigned long long)tag << 32) | __float_as_uint(value);
         asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(words + i), "l"(word) : "memory");
     }
-    // Starts reading element i; `await` finishes it. Issue every load before
-    // the first await, so that they travel together.
+    // Starts reading element i; await_all (common.cuh) finishes it.
     __device__ unsigned long long load(int i) const {
         unsigned long long word;
         asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(words + i) : "memory");
         return word;
     }
-    __device__ float await(int i, unsigned long long word) const {
-        while ((unsigned int)(word >> 32) != tag) word = load(i);
-        return __uint_as_float((unsigned int)word);
-    }
+    __device__ bool ready(unsigned long long word) const { return (unsigned int)(word >> 32) == tag; }
+    __device__ float value(unsigned long long word) const { return __uint_as_float((unsigned int)word); }
 };
 
 // The handoffs of one launch: tags launch * 5 * NUM_LAYERS + 1 onwards.

@@ -108,10 +108,11 @@ __device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float*
         const int i = threadIdx.x + k * CONSUMERS;
         if (i < N) words[k] = src.load(i);
     }
+    await_all(src, words, [](int k) { const int i = threadIdx.x + k * CONSUMERS; return i < N ? i : -1; });
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * CONSUMERS;
-        if (i < N) dst[ProjectionLayout::at(i)] = src.await(i, words[k]);
+        if (i < N) dst[ProjectionLayout::at(i)] = src.value(words[k]);
     }
     consumer_sync();
 }
