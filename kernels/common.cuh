@@ -263,18 +263,24 @@ __device__ __forceinline__ void rotate_head(float (&v)[4], const float (&c)[2], 
     }
 }
 
-// q/k norm and RoPE of a head just loaded: the norm weights and frequencies
-// are loaded first, so their loads travel with the head's.
-__device__ __forceinline__ void norm_rope_head(float (&v)[4], const bf16* norm_weight, const float* inv_freq,
-                                               float pos, float eps) {
-    float weight[4], freq[2];
-    load_head_weights(norm_weight, weight);
-    load_rope_freqs(inv_freq, freq);
-    rms_norm_head(v, weight, eps);
-    float c[2], s[2];
-    rope_angles(freq, pos, c, s);
-    rotate_head(v, c, s);
-}
+// q/k norm and RoPE of one head, in two steps: `prepare` loads the norm
+// weights and computes the rotation angles, none of which depend on the
+// head's values, so that they are ready before those arrive (sincosf of a
+// large angle takes a slow path); `apply` normalises and rotates.
+struct HeadNormRope {
+    float weight[4], c[2], s[2];
+
+    __device__ __forceinline__ void prepare(const bf16* norm_weight, const float* inv_freq, float pos) {
+        float freq[2];
+        load_head_weights(norm_weight, weight);
+        load_rope_freqs(inv_freq, freq);
+        rope_angles(freq, pos, c, s);
+    }
+    __device__ __forceinline__ void apply(float (&v)[4], float eps) const {
+        rms_norm_head(v, weight, eps);
+        rotate_head(v, c, s);
+    }
+};
 
 // ---- argmax ------------------------------------------------------------------
 

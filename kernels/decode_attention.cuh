@@ -39,6 +39,10 @@ __device__ void attention_chunk(const DecodeParams& p, const TaggedVector& qkv, 
         const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
         const int row0 = is_q ? (kv_head * GQA_GROUP + warp) * HEAD_DIM
                               : Q_DIM + (is_k ? 0 : KV_DIM) + kv_head * HEAD_DIM;
+        HeadNormRope norm_rope;
+        if (is_q || is_k)
+            norm_rope.prepare(layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM), p.inv_freq,
+                              (float)pos);
         unsigned long long words[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
@@ -46,10 +50,7 @@ __device__ void attention_chunk(const DecodeParams& p, const TaggedVector& qkv, 
         float v[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);
-        if (is_q || is_k) {
-            const bf16* norm = layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM);
-            norm_rope_head(v, norm, p.inv_freq, (float)pos, p.eps);
-        }
+        if (is_q || is_k) norm_rope.apply(v, p.eps);
         if (is_q) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];

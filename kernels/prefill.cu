@@ -83,7 +83,7 @@ static_assert(QKV_HEADS % HEADS_PER_BLOCK == 0, "blocks cover whole heads");
 // q/k RMSNorm and RoPE on the fused QKV projection (bf16) of each row: the
 // query heads go to `q` (rows x NUM_Q_HEADS x HEAD_DIM, bf16), K and V into
 // this layer's cache at position start_pos + row. Grid: (rows, QKV_HEADS /
-// HEADS_PER_BLOCK); the arithmetic is the decode kernel's (norm_rope_head),
+// HEADS_PER_BLOCK); the arithmetic is the decode kernel's (HeadNormRope),
 // with the angles from prefill_rope_table.
 extern "C" __global__ void __launch_bounds__(HEADS_PER_BLOCK * WARP)
     prefill_qk_norm_rope(const bf16* qkv, unsigned int start_pos, const bf16* q_norm, const bf16* k_norm,
