@@ -141,19 +141,22 @@ __device__ __forceinline__ void split_range(int total, int part, int parts, int&
 
 // Vectors read with every load issued before the first is used: `load(i)`
 // starts reading element i; a read is over when `ready(raw)`, and then
-// `value(raw)` is the element. (The decode kernel's tagged vectors, which
-// may not be written yet, are a third kind.)
+// `value(raw)` is the element; `back_off()` runs before late elements are
+// read again. (The decode kernel's tagged vectors, which may not be written
+// yet, are a third kind.)
 struct CoherentF32 {  // f32 written in this launch: read at L2
     const float* values;
     __device__ float load(int i) const { return load_coherent(values + i); }
     __device__ bool ready(float) const { return true; }
     __device__ float value(float raw) const { return raw; }
+    __device__ void back_off() const {}
 };
 struct Bf16Row {  // read-only bf16, such as an embedding row
     const bf16* values;
     __device__ float load(int i) const { return bf16_to_f32(values[i]); }
     __device__ bool ready(float) const { return true; }
     __device__ float value(float raw) const { return raw; }
+    __device__ void back_off() const {}
 };
 
 // Finishes the reads of elements index(k), k < K (none where it is
@@ -173,6 +176,7 @@ __device__ __forceinline__ void await_all(const Source& src, Raw (&raw)[K], Inde
             }
         }
         if (!late) return;
+        src.back_off();
     }
 }
 

@@ -78,6 +78,8 @@ struct TaggedVector {
         return word;
     }
     __device__ bool ready(unsigned long long word) const { return (unsigned int)(word >> 32) == tag; }
+    // Before reading late values again (src/kernel_dims.rs says why).
+    __device__ void back_off() const { __nanosleep(QMK_DECODE_POLL_BACKOFF_NS); }
     __device__ float value(unsigned long long word) const { return __uint_as_float((unsigned int)word); }
 };
 

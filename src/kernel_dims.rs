@@ -66,6 +66,11 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// copy at a time measured 0.745 ms per token, two 0.809, three 0.845, four
 /// 0.875, one 24 KB copy 0.804 (RESULTS.md).
 pub const RING_IN_FLIGHT: usize = 1;
+/// Nanoseconds a decode block sleeps before it reads again values another
+/// block has not written yet. Polling flat out loads the L2 that the other
+/// blocks' handoffs and weights cross; on the H200, against no sleep: 64 ns
+/// +1.7% per token, 128 +0.6%, 256 -2.4%, 512 +6%, 1024 +27% (RESULTS.md).
+pub const DECODE_POLL_BACKOFF_NS: usize = 256;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
 /// chunks of this many, which bounds prefill's activation memory (about
@@ -116,6 +121,7 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
     ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
     ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),
+    ("QMK_DECODE_POLL_BACKOFF_NS", DECODE_POLL_BACKOFF_NS),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
     (
         "QMK_PREFILL_NORM_ROWS_PER_BLOCK",
