@@ -154,6 +154,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     int own_begin, own_end;
     WeightRing::block_units<O_PROJ>(own_begin, own_end);
     const Handoffs handoffs{&p, &first_tag};
+    // C and E: row `row` of x becomes `before` + `y`, kept and handed on.
+    auto add_to_residual = [&](int row, float before, float y, const TaggedVector& out) {
+        const float x = before + y;
+        residual[row - own_begin] = x;
+        out.store(row, x);
+        return x;
+    };
     stamp_phase(p, -1, 0, PHASE_DONE);
     const long long start = clock64();
     long long ring_wait = 0;
@@ -190,9 +197,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         gather_to_shared<Q_DIM>(attn, sm.vec);
         stamp_phase(p, layer, 2, INPUTS_READY);
         project<O_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
-            float& x = residual[row - own_begin];
-            x = (first ? bf16_to_f32(embedding[row]) : x) + y[0];
-            x_mid.store(row, x);
+            add_to_residual(row, first ? bf16_to_f32(embedding[row]) : residual[row - own_begin], y[0], x_mid);
         });
         stamp_phase(p, layer, 2, PHASE_DONE);
 
@@ -210,9 +215,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         gather_to_shared<INTERMEDIATE>(mlp, sm.vec);
         stamp_phase(p, layer, 4, INPUTS_READY);
         project<DOWN_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
-            float& x = residual[row - own_begin];
-            x += y[0];
-            x_out.store(row, x);
+            const float x = add_to_residual(row, residual[row - own_begin], y[0], x_out);
             if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
         });
         stamp_phase(p, layer, 4, PHASE_DONE);
