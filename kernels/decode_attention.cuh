@@ -1,172 +1,212 @@
 // The decode kernel's phase B: q/k norm, RoPE, KV-cache append and
 // attention over the cache for the current position, split into chunks over
-// blocks and merged by the block that finishes a head's last chunk.
+// blocks (AttentionTask, decode_common.cuh) and merged by the block that
+// finishes a head's last chunk.
+//
+// A chunk's cached keys and values reach the block through its stream ring
+// (decode_stream_ring.cuh) in tiles of KV_TILE positions, copied ahead like
+// the weights: attention reads no global memory but q, k and v of this step.
+// Each consumer warp takes tiles in turn and keeps its own online softmax
+// (flash-decoding within the block); the warps' results are merged at the
+// end.
 #pragma once
 
 #include <cuda/atomic>
 
 #include "decode_common.cuh"
+#include "decode_stream_ring.cuh"
 
 namespace qmk {
 
-constexpr int ATTN_MAX_CHUNK = QMK_ATTN_MAX_CHUNK;
-// Shorter chunks would cost more in merging than they save in parallelism.
-constexpr int ATTN_MIN_CHUNK = 128;
-
 struct AttentionShared {
-    float q[GQA_GROUP][HEAD_DIM];
-    float scores[GQA_GROUP][ATTN_MAX_CHUNK];
-    float pv[CONSUMER_WARPS][GQA_GROUP * HEAD_DIM];
-    float max[GQA_GROUP], sum[GQA_GROUP];  // softmax statistics of the chunk
+    __align__(16) float q[GQA_GROUP][HEAD_DIM];
+    bf16 own_key[HEAD_DIM], own_value[HEAD_DIM];     // this step's, when the chunk holds pos
+    float probs[CONSUMER_WARPS][GQA_GROUP][KV_TILE];  // a warp's softmax numerators of its tile
+    float max[CONSUMER_WARPS][GQA_GROUP], sum[CONSUMER_WARPS][GQA_GROUP];
+    float out[CONSUMER_WARPS][GQA_GROUP * HEAD_DIM];  // each warp's unnormalised output
     int is_last;
 };
 
-// Scores, softmax and P.V for positions [begin, end) of one KV head and its
-// two query heads; leaves the unnormalised output, its max and sum in the
-// partials buffer for the merge.
-__device__ void attention_chunk(const DecodeParams& p, const TaggedVector& qkv, const TaggedVector& attn, int layer,
-                                int pos, int kv_head, int chunk, int begin, int end, bool single_chunk,
+// One warp's attention over the tiles it takes, for both query heads of a
+// KV head: the running max and sum of the scores, and the unnormalised
+// output (dims 4 lane .. 4 lane + 3 on each lane).
+struct WarpAttention {
+    const float (&q)[GQA_GROUP][HEAD_DIM];  // in shared memory: registers are scarce
+    float max[GQA_GROUP] = {-INFINITY, -INFINITY}, sum[GQA_GROUP] = {0.f, 0.f};
+    float out[GQA_GROUP][4] = {};
+
+    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) : q(queries) {}
+
+    // Adds keys 0..n-1 of a tile: `keys` and `values` are n rows of
+    // KV_ROW_BYTES in shared memory (n <= KV_TILE); `probs` is the warp's
+    // scratch.
+    __device__ void add_tile(const unsigned char* keys, const unsigned char* values, int n,
+                             float (&probs)[GQA_GROUP][KV_TILE]) {
+        const int lane = threadIdx.x % WARP, group = lane / 8, sub = lane % 8;
+        constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
+        static_assert(HEAD_DIM == 128, "");
+        // Scores, four keys at a time: eight lanes per key, each with 16 of
+        // its dims as two 16-byte loads that cover the row's halves, so a
+        // quarter warp reads 128 contiguous bytes (no bank conflict).
+#pragma unroll
+        for (int pass = 0; pass < KV_TILE / 4; ++pass) {
+            if (pass * 4 >= n) break;  // the same for the whole warp
+            const int key = pass * 4 + group;
+            const unsigned char* row = keys + min(key, n - 1) * KV_ROW_BYTES;
+            float s[GQA_GROUP] = {0.f, 0.f};
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float k[8];
+                unpack8(*reinterpret_cast<const uint4*>(row + half * HEAD_DIM + sub * 16), k);
+                const int dim = half * 64 + sub * 8;
+#pragma unroll
+                for (int h = 0; h < GQA_GROUP; ++h) {
+                    const float4 lo = *reinterpret_cast<const float4*>(&q[h][dim]);
+                    const float4 hi = *reinterpret_cast<const float4*>(&q[h][dim + 4]);
+                    const float qd[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                    for (int d = 0; d < 8; ++d) s[h] = fmaf(qd[d], k[d], s[h]);
+                }
+            }
+#pragma unroll
+            for (int offset = 4; offset > 0; offset /= 2)
+#pragma unroll
+                for (int h = 0; h < GQA_GROUP; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
+            if (sub == 0 && key < n)
+#pragma unroll
+                for (int h = 0; h < GQA_GROUP; ++h) probs[h][key] = s[h] * scale;
+        }
+        __syncwarp();
+        // Online softmax, a lane per key: rescale what came before to the
+        // tile's new max.
+#pragma unroll
+        for (int h = 0; h < GQA_GROUP; ++h) {
+            const float score = lane < n ? probs[h][lane] : -INFINITY;
+            const float new_max = fmaxf(max[h], warp_max(score));  // finite: the tile has a key
+            const float rescale = __expf(max[h] - new_max);
+            const float e = __expf(score - new_max);
+            if (lane < n) probs[h][lane] = e;
+            max[h] = new_max;
+            sum[h] = sum[h] * rescale + warp_sum(e);
+#pragma unroll
+            for (int d = 0; d < 4; ++d) out[h][d] *= rescale;
+        }
+        __syncwarp();
+        // P.V: every lane its 4 dims of every key (8 bytes; a warp reads a
+        // whole 256-byte row).
+#pragma unroll 4
+        for (int key = 0; key < n; ++key) {
+            const uint2 packed = *reinterpret_cast<const uint2*>(values + key * KV_ROW_BYTES + lane * 8);
+            const float v[4] = {bf16_lo(packed.x), bf16_hi(packed.x), bf16_lo(packed.y), bf16_hi(packed.y)};
+#pragma unroll
+            for (int h = 0; h < GQA_GROUP; ++h) {
+                const float prob = probs[h][key];
+#pragma unroll
+                for (int d = 0; d < 4; ++d) out[h][d] = fmaf(prob, v[d], out[h][d]);
+            }
+        }
+        __syncwarp();  // probs is rewritten by the next tile
+    }
+};
+
+// q/k norm and RoPE of the task's query heads; the block whose chunk holds
+// `pos` also appends this step's key and value to the cache and keeps them
+// in shared memory, its last tile.
+__device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, const AttentionTask& task, int layer,
+                                int pos, AttentionShared& sm) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const bool holds = task.holds(pos);
+    if (warp >= GQA_GROUP + (holds ? 2 : 0)) return;
+    const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
+    const int row0 = is_q ? (task.kv_head * GQA_GROUP + warp) * HEAD_DIM
+                          : Q_DIM + (is_k ? 0 : KV_DIM) + task.kv_head * HEAD_DIM;
+    HeadNormRope norm_rope;
+    if (is_q || is_k)
+        norm_rope.prepare(layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM), p.inv_freq, (float)pos);
+    unsigned long long words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
+    await_all(qkv, words, [&](int i) { return row0 + lane + 32 * i; });
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);
+    if (is_q || is_k) norm_rope.apply(v, p.eps);
+    if (is_q) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
+        return;
+    }
+    const size_t head = ((size_t)layer * NUM_KV_HEADS + task.kv_head) * p.context * HEAD_DIM;
+    bf16* cache = (is_k ? p.k_cache : p.v_cache) + head + (size_t)pos * HEAD_DIM;
+    bf16* own = is_k ? sm.own_key : sm.own_value;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const bf16 b = __float2bfloat16(v[i]);
+        cache[lane + 32 * i] = b;
+        own[lane + 32 * i] = b;
+    }
+}
+
+// Attention of the block's task over its chunk: the output itself when the
+// chunk is the whole cache, else the unnormalised output with its max and
+// sum in the partials buffer, for the merge.
+__device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, const TaggedVector& qkv,
+                                const TaggedVector& attn, const AttentionTask& task, int layer, int pos,
                                 AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const size_t head_base = ((size_t)layer * NUM_KV_HEADS + kv_head) * p.context * HEAD_DIM;
-    const bf16* k_cache = p.k_cache + head_base;
-    const bf16* v_cache = p.v_cache + head_base;
-
-    // Normalise and rotate the query heads; the chunk holding `pos` also
-    // appends this step's K and V to the cache.
-    const bool appends = begin <= pos && pos < end;
-    if (warp < GQA_GROUP + 2) {
-        const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
-        const int row0 = is_q ? (kv_head * GQA_GROUP + warp) * HEAD_DIM
-                              : Q_DIM + (is_k ? 0 : KV_DIM) + kv_head * HEAD_DIM;
-        HeadNormRope norm_rope;
-        if (is_q || is_k)
-            norm_rope.prepare(layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM), p.inv_freq,
-                              (float)pos);
-        unsigned long long words[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
-        await_all(qkv, words, [&](int i) { return row0 + lane + 32 * i; });
-        float v[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);
-        if (is_q || is_k) norm_rope.apply(v, p.eps);
-        if (is_q) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
-        } else if (appends) {
-            bf16* dst = (is_k ? p.k_cache : p.v_cache) + head_base + (size_t)pos * HEAD_DIM;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dst[lane + 32 * i] = __float2bfloat16(v[i]);
-        }
-    }
-    consumer_sync();  // also orders this block's cache append before the reads below
+    prepare_queries(p, qkv, task, layer, pos, sm);
+    consumer_sync();
     stamp_phase(p, layer, 1, INPUTS_READY);
 
-    // Scores: eight lanes per key, 16 dims a lane.
-    const float scale = rsqrtf((float)HEAD_DIM);
-    {
-        const int group = lane / 8, sub = lane % 8;
-        float qa[16], qb[16];
-#pragma unroll
-        for (int d = 0; d < 16; ++d) {
-            qa[d] = sm.q[0][sub * 16 + d];
-            qb[d] = sm.q[1][sub * 16 + d];
-        }
-        // The loop bound is the same for the whole warp: the shuffles below
-        // need every lane, so a group past the end computes on a clamped key
-        // and discards it.
-#pragma unroll 2
-        for (int base = begin + warp * 4; base < end; base += CONSUMER_WARPS * 4) {
-            const int t = base + group;
-            const bf16* key = k_cache + (size_t)min(t, end - 1) * HEAD_DIM + sub * 16;
-            float k[16];
-            unpack8(load_coherent16(key), k);
-            unpack8(load_coherent16(key + 8), k + 8);
-            float sa = 0.f, sb = 0.f;
-#pragma unroll
-            for (int d = 0; d < 16; ++d) {
-                sa = fmaf(qa[d], k[d], sa);
-                sb = fmaf(qb[d], k[d], sb);
-            }
-#pragma unroll
-            for (int offset = 4; offset > 0; offset /= 2) {
-                sa += __shfl_xor_sync(0xffffffffu, sa, offset);
-                sb += __shfl_xor_sync(0xffffffffu, sb, offset);
-            }
-            if (sub == 0 && t < end) {
-                sm.scores[0][t - begin] = sa * scale;
-                sm.scores[1][t - begin] = sb * scale;
-            }
-        }
-    }
-    consumer_sync();
-
-    // Softmax numerators over the chunk: one warp per query head.
-    const int len = end - begin;
-    if (warp < GQA_GROUP) {
-        float* scores = sm.scores[warp];
-        float m = -INFINITY;
-        for (int i = lane; i < len; i += WARP) m = fmaxf(m, scores[i]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int i = lane; i < len; i += WARP) {
-            const float e = __expf(scores[i] - m);
-            scores[i] = e;
-            l += e;
-        }
-        l = warp_sum(l);
-        if (lane == 0) {
-            sm.max[warp] = m;
-            sm.sum[warp] = l;
-        }
-    }
-    consumer_sync();
-
-    // P.V: half a warp per key, 8 dims a lane.
-    {
-        const int half = lane / 16, dl = lane % 16;
-        float acc[GQA_GROUP][8] = {};
-#pragma unroll 4
-        for (int t = begin + warp * 2 + half; t < end; t += CONSUMER_WARPS * 2) {
-            float v[8];
-            unpack8(load_coherent16(v_cache + (size_t)t * HEAD_DIM + dl * 8), v);
-            const float pa = sm.scores[0][t - begin], pb = sm.scores[1][t - begin];
-#pragma unroll
-            for (int d = 0; d < 8; ++d) {
-                acc[0][d] = fmaf(pa, v[d], acc[0][d]);
-                acc[1][d] = fmaf(pb, v[d], acc[1][d]);
-            }
-        }
-#pragma unroll
-        for (int h = 0; h < GQA_GROUP; ++h)
-#pragma unroll
-            for (int d = 0; d < 8; ++d) acc[h][d] += __shfl_xor_sync(0xffffffffu, acc[h][d], 16);
-        if (half == 0) {
-#pragma unroll
-            for (int h = 0; h < GQA_GROUP; ++h)
-#pragma unroll
-                for (int d = 0; d < 8; ++d) sm.pv[warp][h * HEAD_DIM + dl * 8 + d] = acc[h][d];
-        }
-    }
-    consumer_sync();
-
-    // A single chunk is the whole answer; otherwise leave the unnormalised
-    // output with its max and sum for the merge.
-    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
-        float out = 0.f;
-#pragma unroll
-        for (int w = 0; w < CONSUMER_WARPS; ++w) out += sm.pv[w][threadIdx.x];
-        const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
-        const int q_head = kv_head * GQA_GROUP + h;
-        if (single_chunk) {
-            attn.store(q_head * HEAD_DIM + d, out / sm.sum[h]);
+    WarpAttention state(sm.q);
+    const int cached_end = task.cached_end(pos);
+    const int tiles = ring.n_kv_tiles + (task.holds(pos) ? 1 : 0);  // the own key last
+    for (int t = warp; t < tiles; t += CONSUMER_WARPS) {
+        if (t < ring.n_kv_tiles) {
+            const int index = ring.kv_slot_of(layer, t);
+            const unsigned char* slot = ring.wait_full(index);
+            state.add_tile(slot, slot + KV_VALUES_OFFSET, min(KV_TILE, cached_end - (task.begin + t * KV_TILE)),
+                           sm.probs[warp]);
+            if (lane == 0) ring.release(index, RING_SLOT_UNITS);
         } else {
-            float* partial = p.attn_partials + ((size_t)q_head * p.max_chunks + chunk) * (HEAD_DIM + 2);
+            state.add_tile(reinterpret_cast<const unsigned char*>(sm.own_key),
+                           reinterpret_cast<const unsigned char*>(sm.own_value), 1, sm.probs[warp]);
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < GQA_GROUP; ++h) {
+        if (lane == 0) {
+            sm.max[warp][h] = state.max[h];
+            sm.sum[warp][h] = state.sum[h];
+        }
+#pragma unroll
+        for (int d = 0; d < 4; ++d) sm.out[warp][h * HEAD_DIM + lane * 4 + d] = state.out[h][d];
+    }
+    consumer_sync();
+
+    // Merge the warps' results (a warp without tiles has max -inf, sum and
+    // output 0, and weight 0).
+    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
+        const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < CONSUMER_WARPS; ++w) m = fmaxf(m, sm.max[w][h]);
+        float sum = 0.f, out = 0.f;
+#pragma unroll
+        for (int w = 0; w < CONSUMER_WARPS; ++w) {
+            const float weight = __expf(sm.max[w][h] - m);
+            sum = fmaf(sm.sum[w][h], weight, sum);
+            out = fmaf(sm.out[w][threadIdx.x], weight, out);
+        }
+        const int q_head = task.kv_head * GQA_GROUP + h;
+        if (task.n_chunks == 1) {
+            attn.store(q_head * HEAD_DIM + d, out / sum);
+        } else {
+            float* partial = p.attn_partials + ((size_t)q_head * p.max_chunks + task.chunk) * (HEAD_DIM + 2);
             partial[d] = out;
             if (d == 0) {
-                partial[HEAD_DIM] = sm.max[h];
-                partial[HEAD_DIM + 1] = sm.sum[h];
+                partial[HEAD_DIM] = m;
+                partial[HEAD_DIM + 1] = sum;
             }
         }
     }
@@ -203,21 +243,14 @@ __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, i
     if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
 }
 
-__device__ void attention_phase(const DecodeParams& p, const TaggedVector& qkv, const TaggedVector& attn, int layer,
-                                int pos, AttentionShared& sm) {
-    // Split the cache over about one block per (KV head, chunk); a chunk is
-    // never longer than the shared-memory score buffer.
-    const int n_keys = pos + 1;
-    const int wanted = max(1, (int)gridDim.x / NUM_KV_HEADS);
-    const int chunk_len = min(max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK), ATTN_MAX_CHUNK);
-    const int n_chunks = (n_keys + chunk_len - 1) / chunk_len;
-    for (int task = blockIdx.x; task < NUM_KV_HEADS * n_chunks; task += gridDim.x) {
-        const int kv_head = task / n_chunks, chunk = task % n_chunks;
-        const int begin = chunk * chunk_len, end = min(n_keys, begin + chunk_len);
-        attention_chunk(p, qkv, attn, layer, pos, kv_head, chunk, begin, end, n_chunks == 1, sm);
-        if (n_chunks > 1) merge_if_last(p, attn, layer, kv_head, n_chunks, sm);
-        consumer_sync();  // shared memory is reused by the next task
-    }
+__device__ void attention_phase(const DecodeParams& p, const StreamRing& ring, const TaggedVector& qkv,
+                                const TaggedVector& attn, int layer, int pos, AttentionShared& sm) {
+    // Recomputed in every layer rather than kept in registers through the others.
+    const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
+    if (!task.exists()) return;
+    attention_chunk(p, ring, qkv, attn, task, layer, pos, sm);
+    if (task.n_chunks > 1) merge_if_last(p, attn, layer, task.kv_head, task.n_chunks, sm);
+    consumer_sync();  // shared memory is reused by the next phase
 }
 
 }  // namespace qmk

@@ -41,13 +41,49 @@ struct DecodeParams {
     unsigned int max_chunks;     // attention chunks the partials buffer holds per head
     float eps;                   // RMSNorm epsilon
     unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
-    unsigned int ring_in_flight; // copies the producer keeps outstanding (<= ring_slots)
+    unsigned int ring_in_flight; // weight copies the producer keeps outstanding (<= ring_slots)
+    unsigned int ring_kv_in_flight;  // the same while it copies an attention chunk longer than the ring
     unsigned long long* phase_times;  // null, or every block's PHASE_STAMPS timestamps + block 0's 3 producer and 2 consumer clock counts (bench --profile)
 };
 
 __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int layer, int offset) {
     return p.layers + (size_t)layer * QMK_LAYER_STRIDE + offset;
 }
+
+// ---- how attention is split ------------------------------------------------------
+
+// Attention splits the positions 0..pos of every KV head into chunks of at
+// least ATTN_MIN_CHUNK keys, about one chunk per block: block b takes task
+// b, a (KV head, chunk). There are at most blocks / NUM_KV_HEADS chunks per
+// head, so no block has two tasks (the host runs at least NUM_KV_HEADS
+// blocks), and the host sizes the partials buffer for that many.
+constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
+
+struct AttentionTask {
+    int kv_head, chunk, n_chunks;
+    int begin, end;  // keys [begin, end); none when begin == end (no task)
+
+    // Block `block`'s task in a step at position `pos`.
+    __device__ static AttentionTask of_block(int pos, int block, int blocks) {
+        const int n_keys = pos + 1;
+        const int wanted = max(1, blocks / NUM_KV_HEADS);
+        const int chunk_len = max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK);
+        AttentionTask t;
+        t.n_chunks = (n_keys + chunk_len - 1) / chunk_len;
+        t.kv_head = block / t.n_chunks;
+        t.chunk = block % t.n_chunks;
+        const bool has_task = block < NUM_KV_HEADS * t.n_chunks;
+        t.begin = has_task ? t.chunk * chunk_len : 0;
+        t.end = has_task ? min(n_keys, t.begin + chunk_len) : 0;
+        return t;
+    }
+    __device__ bool exists() const { return begin < end; }
+    // Whether the chunk holds this step's own position, whose key and value
+    // the block computes (and appends to the cache) instead of reading them.
+    __device__ bool holds(int pos) const { return begin <= pos && pos < end; }
+    // The chunk's keys already in the cache, written by earlier steps.
+    __device__ int cached_end(int pos) const { return min(end, pos); }
+};
 
 // ---- the vectors phases hand on ----------------------------------------------------
 

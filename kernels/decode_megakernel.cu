@@ -21,23 +21,26 @@
 // reading it is one round trip.
 //
 // A block is one producer warp and CONSUMER_WARPS consumer warps. The
-// producer streams the block's weight rows of every phase into a ring of
-// shared-memory slots (decode_weight_ring.cuh), running ahead through
-// attention and the waits for inputs; the consumers run the phases above
-// and read their rows from the ring. Consumers synchronise among themselves
+// producer streams the block's weight rows of every phase, and the cached
+// keys and values of its attention chunk, into a ring of shared-memory
+// slots (decode_stream_ring.cuh), running ahead through attention and the
+// waits for inputs; the consumers run the phases above and read their rows
+// from the ring. Consumers synchronise among themselves
 // with a named barrier, never with __syncthreads, which would wait for the
 // producer. This file holds the projections (A, C, D, E) and the kernel;
 // attention (B) is decode_attention.cuh.
 #include "common.cuh"
 #include "decode_attention.cuh"
 #include "decode_common.cuh"
-#include "decode_weight_ring.cuh"
+#include "decode_stream_ring.cuh"
 
 namespace qmk {
 
 // Rows of the residual stream a block owns, at most (the host checks the
 // grid: HIDDEN / blocks, rounded up, must not exceed it).
 constexpr int RESIDUAL_MAX_ROWS = QMK_DECODE_RESIDUAL_MAX_ROWS;
+// So the grid has at least NUM_KV_HEADS blocks: one attention task each at most.
+static_assert(HIDDEN / RESIDUAL_MAX_ROWS >= NUM_KV_HEADS, "");
 
 union SharedStorage {
     float vec[INTERMEDIATE];  // the input vector of a projection phase
@@ -75,12 +78,12 @@ __device__ __forceinline__ float row_dot(const unsigned char* row, const float* 
 // y)` runs on lane 0 with the unit's one (or, gate/up, two) results.
 // `ring_wait` gathers the cycles thread 0 waits for rows (bench --profile).
 template <int P, typename Store>
-__device__ __forceinline__ void project(const WeightRing& ring, int layer, const float* vec, long long& ring_wait,
+__device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
                                         Store store) {
     using S = Streamed<P>;
     using L = SlotLayout<P>;
     int begin, end;
-    WeightRing::block_units<P>(begin, end);
+    StreamRing::block_units<P>(begin, end);
     const int warp = threadIdx.x / WARP;
     for (int u = warp; u < end - begin; u += CONSUMER_WARPS) {
         const int index = ring.slot_of<P>(layer, u);
@@ -124,6 +127,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ __align__(16) SharedStorage sm;
     __shared__ float scratch[CONSUMER_WARPS];
     __shared__ unsigned long long ring_barriers[2 * RING_MAX_SLOTS];
+    __shared__ int ring_armed[RING_MAX_SLOTS];
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
     __shared__ unsigned int first_tag;
     extern __shared__ __align__(128) unsigned char ring_storage[];
@@ -131,11 +135,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     const DecodeState* state = p.state;
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
 
-    WeightRing ring(ring_storage, ring_barriers, (int)p.ring_slots);  // ends in __syncthreads
+    const int pos = (int)state->pos;
+    const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots,
+                          kv_tiles(AttentionTask::of_block(pos, blockIdx.x, gridDim.x), pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {
             const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;
-            ring.produce(p.layers, (int)p.ring_in_flight, profiled ? profile_clocks(p) : nullptr);
+            ring.produce(p, AttentionTask::of_block(pos, blockIdx.x, gridDim.x), pos,
+                         profiled ? profile_clocks(p) : nullptr);
         }
         return;
     }
@@ -145,14 +152,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     unsigned long long arrivals_before = 0;
     if (threadIdx.x == 0) arrivals_before = atomicAdd(p.launches, 1ull);
 
-    const int pos = (int)state->pos;
     const bf16* embedding = p.embed + (size_t)p.tokens[pos] * HIDDEN;
     // The O and the down projections split the rows of x alike, so the rows
     // a block adds to in E are the ones it wrote in C: it keeps them in
     // shared memory instead of reading them back.
     static_assert(Streamed<O_PROJ>::UNITS == HIDDEN && Streamed<DOWN_PROJ>::UNITS == HIDDEN, "");
     int own_begin, own_end;
-    WeightRing::block_units<O_PROJ>(own_begin, own_end);
+    StreamRing::block_units<O_PROJ>(own_begin, own_end);
     const Handoffs handoffs{&p, &first_tag};
     // C and E: row `row` of x becomes `before` + `y`, kept and handed on.
     auto add_to_residual = [&](int row, float before, float y, const TaggedVector& out) {
@@ -189,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // B: attention (the producer streams the next phases' rows meanwhile).
         consumer_sync();  // the attention scratch shares shared memory with sm.vec
-        attention_phase(p, qkv, attn, layer, pos, sm.attn);
+        attention_phase(p, ring, qkv, attn, layer, pos, sm.attn);
         stamp_phase(p, layer, 1, PHASE_DONE);
 
         // C: O projection + residual.

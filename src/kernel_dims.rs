@@ -48,9 +48,6 @@ pub const LM_HEAD_THREADS: usize = 512;
 /// Rows of the residual stream one decode block keeps in shared memory, at
 /// most: HIDDEN / 128, so the decode kernel needs a GPU of at least 8 SMs.
 pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
-/// Longest run of cached positions one attention task scores at once; it
-/// bounds the shared memory the attention phase needs.
-pub const ATTN_MAX_CHUNK: usize = 2048;
 
 /// The decode kernel's weight ring (kernels/decode_weight_ring.cuh): slots
 /// of 12 KB (six 2 KB rows of K = HIDDEN), as many as the GPU's shared
@@ -66,6 +63,13 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// copy at a time measured 0.745 ms per token, two 0.809, three 0.845, four
 /// 0.875, one 24 KB copy 0.804 (RESULTS.md).
 pub const RING_IN_FLIGHT: usize = 1;
+/// Copies in flight while the producer streams an attention chunk longer
+/// than the ring (tiles of 24 positions), which attention waits for. On the
+/// H100 at position 16,384 (43 tiles a block): one 1.487 ms per token, two
+/// 1.376, four 1.400, eight 1.421. A chunk that fits the ring goes with
+/// RING_IN_FLIGHT: at 4,096 (11 tiles) one measured 0.818, two 0.832
+/// (RESULTS.md).
+pub const RING_KV_IN_FLIGHT: usize = 2;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Polling flat out loads the L2 that the other
 /// blocks' handoffs and weights cross; on the H200, against no sleep: 64 ns
@@ -117,7 +121,6 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_INTERMEDIATE", INTERMEDIATE),
     ("QMK_DECODE_THREADS", DECODE_THREADS),
     ("QMK_LM_HEAD_THREADS", LM_HEAD_THREADS),
-    ("QMK_ATTN_MAX_CHUNK", ATTN_MAX_CHUNK),
     ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
     ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
     ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),

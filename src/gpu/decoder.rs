@@ -26,9 +26,9 @@ use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
-    ATTN_MAX_CHUNK, DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE,
-    LM_HEAD_THREADS, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK,
-    QKV_ROWS, Q_DIM, RING_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOT_BYTES,
+    DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
+    NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
+    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOT_BYTES,
 };
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
@@ -68,6 +68,7 @@ struct DecodeParams {
     eps: f32,
     ring_slots: u32,
     ring_in_flight: u32,
+    ring_kv_in_flight: u32,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -200,23 +201,39 @@ fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
     Ok(slots)
 }
 
-/// Slot copies the decode kernel's producer keeps in flight:
-/// `QWEN_MK_DECODE_IN_FLIGHT` (1 to the ring's slots) when set, for tuning.
-fn ring_in_flight(ring_slots: usize) -> Result<usize> {
-    parse_in_flight(
+/// Slot copies the decode kernel's producer keeps in flight: (weights,
+/// attention keys and values). `QWEN_MK_DECODE_IN_FLIGHT` and
+/// `QWEN_MK_DECODE_KV_IN_FLIGHT` (1 to the ring's slots) override them, for
+/// tuning.
+fn ring_in_flight(ring_slots: usize) -> Result<(usize, usize)> {
+    let weights = parse_in_flight(
+        "QWEN_MK_DECODE_IN_FLIGHT",
         super::env_setting("QWEN_MK_DECODE_IN_FLIGHT")?.as_deref(),
+        RING_IN_FLIGHT,
         ring_slots,
-    )
+    )?;
+    let kv = parse_in_flight(
+        "QWEN_MK_DECODE_KV_IN_FLIGHT",
+        super::env_setting("QWEN_MK_DECODE_KV_IN_FLIGHT")?.as_deref(),
+        RING_KV_IN_FLIGHT.min(ring_slots),
+        ring_slots,
+    )?;
+    Ok((weights, kv))
 }
 
-fn parse_in_flight(setting: Option<&str>, ring_slots: usize) -> Result<usize> {
+fn parse_in_flight(
+    name: &str,
+    setting: Option<&str>,
+    default: usize,
+    ring_slots: usize,
+) -> Result<usize> {
     let Some(text) = setting else {
-        return Ok(RING_IN_FLIGHT);
+        return Ok(default);
     };
     match text.trim().parse::<usize>() {
         Ok(n) if (1..=ring_slots).contains(&n) => Ok(n),
         _ => bail!(
-            "QWEN_MK_DECODE_IN_FLIGHT={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
+            "{name}={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
         ),
     }
 }
@@ -276,7 +293,7 @@ impl GpuDecoder {
                 device.name
             );
         }
-        let ring_in_flight = ring_in_flight(ring_slots)?;
+        let (ring_in_flight, ring_kv_in_flight) = ring_in_flight(ring_slots)?;
         let decode_blocks = device.sm_count;
         if HIDDEN.div_ceil(decode_blocks as usize) > DECODE_RESIDUAL_MAX_ROWS {
             bail!(
@@ -294,9 +311,9 @@ impl GpuDecoder {
             .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
             .clamp(1, 4);
         let lm_head_blocks = device.sm_count * lm_per_sm;
-        let max_chunks = (decode_blocks as usize / NUM_KV_HEADS)
-            .max(1)
-            .max(context.div_ceil(ATTN_MAX_CHUNK));
+        // As many attention chunks per KV head as the kernel makes at most
+        // (AttentionTask in kernels/decode_common.cuh).
+        let max_chunks = (decode_blocks as usize / NUM_KV_HEADS).max(1);
 
         let weights = GpuWeights::upload(checkpoint, &stream)?;
         let kv_elems = NUM_LAYERS * NUM_KV_HEADS * context * HEAD_DIM;
@@ -353,6 +370,7 @@ impl GpuDecoder {
             eps,
             ring_slots: ring_slots as u32,
             ring_in_flight: ring_in_flight as u32,
+            ring_kv_in_flight: ring_kv_in_flight as u32,
             phase_times: 0,
         };
         let lm_params = LmHeadParams {
@@ -632,11 +650,11 @@ mod tests {
     #[test]
     fn the_ring_takes_the_shared_memory_a_block_may_have() {
         // The decode kernel's static shared memory as ptxas reports it.
-        let fixed = 33_664;
+        let fixed = 20_992;
         // H100 / H200: 227 KB a block: the ring's limit of 16 slots.
         assert_eq!(slots_that_fit("H100", 232_448, fixed).unwrap(), 16);
-        // RTX 5090: 99 KB a block: 5 slots of 12 KB.
-        assert_eq!(slots_that_fit("RTX 5090", 101_376, fixed).unwrap(), 5);
+        // RTX 5090: 99 KB a block: 6 slots of 12 KB.
+        assert_eq!(slots_that_fit("RTX 5090", 101_376, fixed).unwrap(), 6);
         let err = slots_that_fit("small", 48 * 1024, fixed).unwrap_err();
         assert!(
             err.to_string().contains("small gives a block 49152 bytes"),
@@ -645,12 +663,15 @@ mod tests {
     }
 
     #[test]
-    fn copies_in_flight_default_to_one_and_stay_within_the_ring() {
-        assert_eq!(parse_in_flight(None, 16).unwrap(), RING_IN_FLIGHT);
-        assert_eq!(parse_in_flight(Some("3"), 16).unwrap(), 3);
-        assert_eq!(parse_in_flight(Some(" 16 "), 16).unwrap(), 16);
+    fn copies_in_flight_default_and_stay_within_the_ring() {
+        let parse =
+            |setting, default| parse_in_flight("QWEN_MK_DECODE_IN_FLIGHT", setting, default, 16);
+        assert_eq!(parse(None, RING_IN_FLIGHT).unwrap(), RING_IN_FLIGHT);
+        assert_eq!(parse(None, 4).unwrap(), 4);
+        assert_eq!(parse(Some("3"), 1).unwrap(), 3);
+        assert_eq!(parse(Some(" 16 "), 1).unwrap(), 16);
         for bad in ["0", "17", "-1", "two", ""] {
-            let err = parse_in_flight(Some(bad), 16).unwrap_err().to_string();
+            let err = parse(Some(bad), 1).unwrap_err().to_string();
             assert!(err.contains("QWEN_MK_DECODE_IN_FLIGHT"), "{bad}: {err}");
         }
     }

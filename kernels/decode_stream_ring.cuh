@@ -1,23 +1,32 @@
-// The decode kernel's weight stream: every block's share of every projection
-// of every layer, copied into a ring of shared-memory slots by one producer
-// thread, in the order the phases read them, while the other warps compute.
+// The decode kernel's stream: every block's share of every projection of
+// every layer, and the cached keys and values of its attention chunk,
+// copied into a ring of shared-memory slots by one producer thread, in the
+// order the phases read them, while the other warps compute.
 //
-// Weights never depend on activations, so the copies can run ahead through
-// attention and through the grid barriers, as far as the ring reaches (a
-// block's share of a layer is about 240 KB on a 132-SM H100, the ring up to
-// 192 KB). The producer keeps only a few slots in flight at once: the memory
-// probe (benches/memory_probe.cu) measured that about 36 KB in flight per SM
-// reaches full bandwidth, and that more only lengthens the round trips of the
-// latency-bound loads every phase also makes (5 us at 192 KB in flight).
+// Weights never depend on activations, and the cached keys and values were
+// written by earlier steps, so the copies can run ahead through attention
+// and through the waits for other blocks, as far as the ring reaches (a
+// block's share of a layer's weights is about 240 KB on a 132-SM H100, the
+// ring up to 192 KB). The producer keeps only a few slots in flight at once:
+// the memory probe (benches/memory_probe.cu) measured that about 36 KB in
+// flight per SM reaches full bandwidth, and that more only lengthens the
+// round trips of the latency-bound loads every phase also makes (5 us at
+// 192 KB in flight).
 //
 // Each slot has two mbarriers: `full` completes when the slot's copy has
 // landed (transaction bytes), `empty` when the consumers have read it
-// (RING_SLOT_UNITS arrivals, one per 2 KB of rows). A slot holds whole rows
-// of one projection only; a block's last slot of a projection may be partly
-// used, and the producer arrives for the unused part itself.
+// (RING_SLOT_UNITS arrivals, one per 2 KB of rows), and a word saying which
+// use of the ring it is armed for. A consumer warp may wait for a use up to
+// a whole ring ahead of the last one it read (warps take units in turn), but
+// an mbarrier's parity only tells a phase from the next: so it first waits
+// until the producer has armed the slot for that use, which the producer
+// does only once the slot's previous use has landed and been read. A slot holds whole rows
+// of one projection, or one tile of keys and values; a block's last slot of
+// a projection may be partly used, and the producer arrives for the unused
+// part itself.
 #pragma once
 
-#include "common.cuh"
+#include "decode_common.cuh"
 
 namespace qmk {
 
@@ -28,6 +37,19 @@ constexpr int RING_SLOT_UNITS = QMK_RING_SLOT_BYTES / RING_UNIT_BYTES;
 constexpr int RING_SLOT_BYTES = RING_SLOT_UNITS * RING_UNIT_BYTES;
 constexpr int RING_MAX_SLOTS = QMK_RING_MAX_SLOTS;
 static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number of 2 KB units");
+
+// A tile of attention keys: a slot's first half holds up to KV_TILE cached
+// keys of a chunk, one 256-byte row each, its second half their values.
+constexpr int KV_ROW_BYTES = HEAD_DIM * (int)sizeof(bf16);
+constexpr int KV_TILE = RING_SLOT_BYTES / 2 / KV_ROW_BYTES;
+constexpr int KV_VALUES_OFFSET = RING_SLOT_BYTES / 2;
+static_assert(KV_TILE % 4 == 0 && KV_TILE <= WARP, "attention scores a tile four keys at a time, a lane per key");
+static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0, "attention scores a tile four keys at a time");
+
+// Tiles of this block's attention chunk in every layer of a step at `pos`.
+__device__ __forceinline__ int kv_tiles(const AttentionTask& task, int pos) {
+    return task.exists() ? (max(task.cached_end(pos) - task.begin, 0) + KV_TILE - 1) / KV_TILE : 0;
+}
 
 // The four projections of a layer, in the order the phases read them.
 enum Projection { QKV_PROJ = 0, O_PROJ = 1, GATE_UP_PROJ = 2, DOWN_PROJ = 3, NUM_PROJECTIONS = 4 };
@@ -83,21 +105,28 @@ __device__ __forceinline__ void mbarrier_wait(const unsigned long long* bar, uns
         : "memory");
 }
 
-struct WeightRing {
+struct StreamRing {
     unsigned char* storage;     // n_slots x RING_SLOT_BYTES of dynamic shared memory
     unsigned long long* full;   // n_slots mbarriers
     unsigned long long* empty;  // n_slots mbarriers
+    volatile int* armed;        // n_slots: the use each slot's `full` now counts
     int n_slots;
     int slots_per_layer;           // this block's, the same in every layer
     int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
+    int first_kv_slot, n_kv_tiles;    // the attention chunk's tiles, between QKV and O
 
     // Called by every thread of the block; ends in __syncthreads, after
-    // which the producer warp and the consumer warps part.
-    __device__ WeightRing(unsigned char* storage_, unsigned long long* barriers, int n_slots_)
-        : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), n_slots(n_slots_) {
+    // which the producer warp and the consumer warps part. `kv_tiles_` is
+    // kv_tiles() of the block's attention task.
+    __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int n_slots_,
+                          int kv_tiles_)
+        : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), armed(armed_), n_slots(n_slots_) {
         slots_per_layer = 0;
         first_slot[QKV_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<QKV_PROJ>();
+        first_kv_slot = slots_per_layer;
+        n_kv_tiles = kv_tiles_;
+        slots_per_layer += n_kv_tiles;
         first_slot[O_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<O_PROJ>();
         first_slot[GATE_UP_PROJ] = slots_per_layer;
@@ -106,6 +135,7 @@ struct WeightRing {
         slots_per_layer += projection_slots<DOWN_PROJ>();
         if (threadIdx.x == 0) {
             for (int s = 0; s < n_slots; ++s) {
+                armed[s] = -1;
                 asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(full + s)) : "memory");
                 asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(empty + s)),
                              "r"(RING_SLOT_UNITS)
@@ -138,9 +168,14 @@ struct WeightRing {
         return layer * slots_per_layer + first_slot[P] + u / SlotLayout<P>::PER_SLOT;
     }
 
+    // Index of the slot holding tile `tile` of the attention chunk in `layer`.
+    __device__ int kv_slot_of(int layer, int tile) const { return layer * slots_per_layer + first_kv_slot + tile; }
+
     // Waits until use `index` of the ring has landed; returns the slot.
     __device__ const unsigned char* wait_full(int index) const {
         const int s = index % n_slots;
+        while (armed[s] != index) {
+        }
         mbarrier_wait(full + s, (unsigned int)(index / n_slots) & 1u);
         return storage + (size_t)s * RING_SLOT_BYTES;
     }
@@ -166,18 +201,25 @@ struct WeightRing {
         long long waited_for_slot = 0, waited_for_copy = 0;
     };
 
-    // Streams the block's rows of all layers, keeping at most `in_flight`
-    // slots copying at once. `cycles`, when not null, receives the
-    // ProducerClock counts (total, slot, copy).
-    __device__ void produce(const bf16* layers, int in_flight, unsigned long long* cycles) const {
+    // Streams the block's rows of all layers and its attention chunk's
+    // cached keys and values, keeping at most p.ring_in_flight slots copying
+    // at once. A chunk longer than the ring cannot be in place before
+    // attention starts, and attention then waits for the stream itself: its
+    // tiles go with p.ring_kv_in_flight copies in flight. `cycles`, when not
+    // null, receives the ProducerClock counts (total, slot, copy).
+    __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
+                            unsigned long long* cycles) const {
+        const int in_flight = (int)p.ring_in_flight;
+        const int kv_in_flight = n_kv_tiles > n_slots ? (int)p.ring_kv_in_flight : in_flight;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();
         ProducerClock clock;
         int index = 0;
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
-            const bf16* w = layers + (size_t)layer * QMK_LAYER_STRIDE;
+            const bf16* w = layer_weights(p, layer, 0);
             produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
+            produce_kv_tiles(p, task, pos, layer, index, kv_in_flight, clock);
             produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
@@ -201,26 +243,12 @@ struct WeightRing {
         block_units<P>(begin, end);
         for (int unit = begin; unit < end; unit += L::PER_SLOT, ++index) {
             const int count = min(L::PER_SLOT, end - unit);
-            const int s = index % n_slots;
-            // The consumers are done with this slot's previous use, and no
-            // more than `in_flight` copies are outstanding.
-            const long long t0 = clock64();
-            if (index >= n_slots) mbarrier_wait(empty + s, (unsigned int)(index / n_slots - 1) & 1u);
-            const long long t1 = clock64();
-            if (index >= in_flight) {
-                const int older = index - in_flight;
-                mbarrier_wait(full + older % n_slots, (unsigned int)(older / n_slots) & 1u);
-            }
-            clock.waited_for_slot += t1 - t0;
-            clock.waited_for_copy += clock64() - t1;
-            unsigned char* slot = storage + (size_t)s * RING_SLOT_BYTES;
             const unsigned int row_bytes = count * L::ROW_BYTES;
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(full + s)),
-                         "r"(row_bytes * (L::PAIRED ? 2 : 1))
-                         : "memory");
-            copy(slot, layer_weights + S::WEIGHTS + (size_t)unit * S::K, row_bytes, full + s, policy);
+            unsigned char* slot = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
+            unsigned long long* landed = full + index % n_slots;
+            copy(slot, layer_weights + S::WEIGHTS + (size_t)unit * S::K, row_bytes, landed, policy);
             if (L::PAIRED)
-                copy(slot + L::PAIRED_OFFSET, layer_weights + S::PAIRED + (size_t)unit * S::K, row_bytes, full + s,
+                copy(slot + L::PAIRED_OFFSET, layer_weights + S::PAIRED + (size_t)unit * S::K, row_bytes, landed,
                      policy);
             // The units this use leaves empty count as read already.
             const int unused = (L::PER_SLOT - count) * L::UNIT_UNITS;
@@ -228,6 +256,51 @@ struct WeightRing {
         }
     }
 
+    // The block's attention chunk of `layer`: its cached keys and values in
+    // tiles of KV_TILE positions. They stay in L2 (no evict-first hint):
+    // the next step reads them again.
+    __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
+                                     int in_flight, ProducerClock& clock) const {
+        const size_t head = ((size_t)layer * NUM_KV_HEADS + task.kv_head) * p.context * HEAD_DIM;
+        const int cached_end = task.cached_end(pos);
+        for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
+            const unsigned int bytes = min(KV_TILE, cached_end - key) * KV_ROW_BYTES;
+            unsigned char* slot = acquire(index, in_flight, 2 * bytes, clock);
+            unsigned long long* landed = full + index % n_slots;
+            copy(slot, p.k_cache + head + (size_t)key * HEAD_DIM, bytes, landed);
+            copy(slot + KV_VALUES_OFFSET, p.v_cache + head + (size_t)key * HEAD_DIM, bytes, landed);
+        }
+    }
+
+    // Waits until use `index` of the ring may be filled (the consumers are
+    // done with the slot's previous use, and fewer than `in_flight` copies
+    // are outstanding), announces the bytes its copies will bring, and
+    // returns the slot.
+    __device__ unsigned char* acquire(int index, int in_flight, unsigned int bytes, ProducerClock& clock) const {
+        const int s = index % n_slots;
+        const long long t0 = clock64();
+        if (index >= n_slots) mbarrier_wait(empty + s, (unsigned int)(index / n_slots - 1) & 1u);
+        const long long t1 = clock64();
+        if (index >= in_flight) {
+            const int older = index - in_flight;
+            mbarrier_wait(full + older % n_slots, (unsigned int)(older / n_slots) & 1u);
+        }
+        clock.waited_for_slot += t1 - t0;
+        clock.waited_for_copy += clock64() - t1;
+        armed[s] = index;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(full + s)),
+                     "r"(bytes)
+                     : "memory");
+        return storage + (size_t)s * RING_SLOT_BYTES;
+    }
+
+    static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                smem_address(dst)),
+            "l"(src), "r"(bytes), "r"(smem_address(bar))
+            : "memory");
+    }
     static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar,
                                 unsigned long long policy) {
         asm volatile(
