@@ -122,9 +122,11 @@ const LOOKAHEAD: usize = 8;
 const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Waits for `event`; if the GPU has not reached it within `WATCHDOG`, says
-/// so and exits the process. Exiting at once is deliberate: returning an
+/// so and ends the process. Ending it at once is deliberate: returning an
 /// error would drop device buffers, and freeing them waits for the hung
-/// kernel forever.
+/// kernel forever. So would `std::process::exit`, whose exit handlers tear
+/// down the CUDA context (seen on the H100: a hung bench never ended): `_exit`
+/// skips them, and the driver reclaims the GPU when the process is gone.
 fn wait_for(event: &CudaEvent, what: &str) -> Result<()> {
     let start = std::time::Instant::now();
     while !event
@@ -136,11 +138,20 @@ fn wait_for(event: &CudaEvent, what: &str) -> Result<()> {
                 "error: the GPU did not finish {what} within {} s; the kernel is hung (a bug: please report it)",
                 WATCHDOG.as_secs()
             );
-            std::process::exit(3);
+            exit_now(3);
         }
         std::thread::yield_now();
     }
     Ok(())
+}
+
+/// Ends the process without running exit handlers (POSIX `_exit`).
+fn exit_now(code: i32) -> ! {
+    extern "C" {
+        fn _exit(code: i32) -> !;
+    }
+    // SAFETY: _exit takes any status and does not return.
+    unsafe { _exit(code) }
 }
 
 pub struct GpuDecoder {
