@@ -49,10 +49,11 @@ pub const LM_HEAD_THREADS: usize = 512;
 /// most: HIDDEN / 128, so the decode kernel needs a GPU of at least 8 SMs.
 pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 
-/// The decode kernel's weight ring (kernels/decode_weight_ring.cuh): slots
-/// of 12 KB (six 2 KB rows of K = HIDDEN), as many as the GPU's shared
-/// memory per block holds beside the kernel's static 33 KB, up to 16 (192 KB
-/// on Hopper; 5 on an RTX 5090, whose blocks get 99 KB).
+/// The decode kernel's stream ring (kernels/decode_stream_ring.cuh): slots
+/// of 12 KB (six 2 KB rows of K = HIDDEN, or the keys and values of 24
+/// cached positions), as many as the GPU's shared memory per block holds
+/// beside the kernel's static 21 KB, up to 16 (192 KB on Hopper; 6 on an
+/// RTX 5090, whose blocks get 99 KB).
 pub const RING_SLOT_BYTES: usize = 12 * 1024;
 pub const RING_MAX_SLOTS: usize = 16;
 /// Fewest slots the kernel is run with: the ring must hold slots being read
