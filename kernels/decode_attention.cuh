@@ -136,8 +136,7 @@ __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, 
         for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
         return;
     }
-    const size_t head = ((size_t)layer * NUM_KV_HEADS + task.kv_head) * p.context * HEAD_DIM;
-    bf16* cache = (is_k ? p.k_cache : p.v_cache) + head + (size_t)pos * HEAD_DIM;
+    bf16* cache = (is_k ? p.k_cache : p.v_cache) + kv_cache_head(p, layer, task.kv_head) + (size_t)pos * HEAD_DIM;
     bf16* own = is_k ? sm.own_key : sm.own_value;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

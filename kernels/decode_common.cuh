@@ -85,6 +85,12 @@ struct AttentionTask {
     __device__ int cached_end(int pos) const { return min(end, pos); }
 };
 
+// Where the cache of one KV head of one layer starts (the same offset in
+// k_cache and v_cache).
+__device__ __forceinline__ size_t kv_cache_head(const DecodeParams& p, int layer, int kv_head) {
+    return ((size_t)layer * NUM_KV_HEADS + kv_head) * p.context * HEAD_DIM;
+}
+
 // ---- the vectors phases hand on ----------------------------------------------------
 
 // A phase's output for other blocks is a vector of 64-bit words: the f32

@@ -136,13 +136,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
 
     const int pos = (int)state->pos;
+    const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
     const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots,
-                          kv_tiles(AttentionTask::of_block(pos, blockIdx.x, gridDim.x), pos));  // ends in __syncthreads
+                          kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {
             const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;
-            ring.produce(p, AttentionTask::of_block(pos, blockIdx.x, gridDim.x), pos,
-                         profiled ? profile_clocks(p) : nullptr);
+            ring.produce(p, task, pos, profiled ? profile_clocks(p) : nullptr);
         }
         return;
     }

@@ -20,10 +20,11 @@
 // a whole ring ahead of the last one it read (warps take units in turn), but
 // an mbarrier's parity only tells a phase from the next: so it first waits
 // until the producer has armed the slot for that use, which the producer
-// does only once the slot's previous use has landed and been read. A slot holds whole rows
-// of one projection, or one tile of keys and values; a block's last slot of
-// a projection may be partly used, and the producer arrives for the unused
-// part itself.
+// does only once the slot's previous use has landed and been read.
+//
+// A slot holds whole rows of one projection, or one tile of keys and
+// values; a block's last slot of a projection may be partly used, and the
+// producer arrives for the unused part itself.
 #pragma once
 
 #include "decode_common.cuh"
@@ -43,8 +44,8 @@ static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number 
 constexpr int KV_ROW_BYTES = HEAD_DIM * (int)sizeof(bf16);
 constexpr int KV_TILE = RING_SLOT_BYTES / 2 / KV_ROW_BYTES;
 constexpr int KV_VALUES_OFFSET = RING_SLOT_BYTES / 2;
-static_assert(KV_TILE % 4 == 0 && KV_TILE <= WARP, "attention scores a tile four keys at a time, a lane per key");
-static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0, "attention scores a tile four keys at a time");
+static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0 && KV_TILE <= WARP,
+              "attention scores a tile four keys at a time, then softmaxes it a lane per key");
 
 // Tiles of this block's attention chunk in every layer of a step at `pos`.
 __device__ __forceinline__ int kv_tiles(const AttentionTask& task, int pos) {
@@ -261,7 +262,7 @@ struct StreamRing {
     // the next step reads them again.
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
                                      int in_flight, ProducerClock& clock) const {
-        const size_t head = ((size_t)layer * NUM_KV_HEADS + task.kv_head) * p.context * HEAD_DIM;
+        const size_t head = kv_cache_head(p, layer, task.kv_head);
         const int cached_end = task.cached_end(pos);
         for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
             const unsigned int bytes = min(KV_TILE, cached_end - key) * KV_ROW_BYTES;

@@ -217,19 +217,21 @@ fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
 /// `QWEN_MK_DECODE_KV_IN_FLIGHT` (1 to the ring's slots) override them, for
 /// tuning.
 fn ring_in_flight(ring_slots: usize) -> Result<(usize, usize)> {
-    let weights = parse_in_flight(
-        "QWEN_MK_DECODE_IN_FLIGHT",
-        super::env_setting("QWEN_MK_DECODE_IN_FLIGHT")?.as_deref(),
-        RING_IN_FLIGHT,
-        ring_slots,
-    )?;
-    let kv = parse_in_flight(
-        "QWEN_MK_DECODE_KV_IN_FLIGHT",
-        super::env_setting("QWEN_MK_DECODE_KV_IN_FLIGHT")?.as_deref(),
-        RING_KV_IN_FLIGHT.min(ring_slots),
-        ring_slots,
-    )?;
-    Ok((weights, kv))
+    let setting = |name: &str, default: usize| -> Result<usize> {
+        parse_in_flight(
+            name,
+            super::env_setting(name)?.as_deref(),
+            default,
+            ring_slots,
+        )
+    };
+    Ok((
+        setting("QWEN_MK_DECODE_IN_FLIGHT", RING_IN_FLIGHT)?,
+        setting(
+            "QWEN_MK_DECODE_KV_IN_FLIGHT",
+            RING_KV_IN_FLIGHT.min(ring_slots),
+        )?,
+    ))
 }
 
 fn parse_in_flight(
