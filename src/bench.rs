@@ -115,7 +115,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "lm_head_kernel_ms": lm_head_ms,
             "phase_us_per_layer": profiles.iter().map(|(p, prof)| { let t = &prof.phase_us; json!({"position": p,
                 "wait_work": {"A_qkv": t[0], "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]},
-                "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait}) }).collect::<Vec<_>>(),
+                "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait,
+                "kernel_span_us": prof.kernel_span_us, "between_kernels_us": prof.between_kernels_us}) }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -193,6 +194,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 slot * 100.0,
                 copy * 100.0,
                 profile.consumer_ring_wait * 100.0
+            );
+        }
+        for (position, profile) in &profiles {
+            println!(
+                "{position:>9} decode kernel {:.1} us from the first block's start to the last block's end, then {:.1} us to the next step's start (LM head and launches)",
+                profile.kernel_span_us, profile.between_kernels_us
             );
         }
         println!("(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)");

@@ -23,6 +23,12 @@ pub struct Profile {
     /// Share of block 0's first consumer thread's time spent waiting for
     /// weight rows to land in the ring.
     pub consumer_ring_wait: f64,
+    /// Mean microseconds from the first block's start of a step to the last
+    /// block's end of its last phase (the decode kernel's span), and from
+    /// that end to the next step's first start (the LM head and the two
+    /// launches between; NaN with fewer than two steps).
+    pub kernel_span_us: f64,
+    pub between_kernels_us: f64,
 }
 
 /// One phase's output on its way to the next phase, averaged over layers
@@ -52,6 +58,7 @@ impl Profile {
         let mut last_counts = vec![[0usize; 5]; blocks];
         let mut producer = [0f64; 3];
         let mut consumer = [0f64; 2];
+        let mut spans = Vec::new(); // (first start, last end) of each step
         for step in words.chunks_exact(step_words) {
             let (stamps, clock) = step.split_at(blocks * PHASE_STAMPS);
             let block = |b: usize| &stamps[b * PHASE_STAMPS..(b + 1) * PHASE_STAMPS];
@@ -62,6 +69,12 @@ impl Profile {
                 (block(b)[at], block(b)[at + 1])
             };
             let works = |b: usize, layer: usize, i: usize| i != 1 || stamp(b, layer, i).0 != 0;
+            let first_start = (0..blocks).map(|b| block(b)[0]).min().unwrap_or(0);
+            let last_end = (0..blocks)
+                .map(|b| block(b)[PHASE_STAMPS - 1])
+                .max()
+                .unwrap_or(0);
+            spans.push((first_start, last_end));
 
             let mut done = block(0)[0];
             for layer in 0..NUM_LAYERS {
@@ -124,11 +137,26 @@ impl Profile {
             }
         });
         let total = producer[0].max(1.0);
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64 / 1e3; // ns -> us
+        let kernel_span_us = mean(
+            spans
+                .iter()
+                .map(|&(s, e)| e.saturating_sub(s) as f64)
+                .collect(),
+        );
+        let between_kernels_us = mean(
+            spans
+                .windows(2)
+                .map(|w| w[1].0.saturating_sub(w[0].1) as f64)
+                .collect(),
+        );
         Profile {
             phase_us: phase_ns.map(|t| t.map(|ns| ns / per_layer)),
             handoffs,
             producer_waits: [producer[1] / total, producer[2] / total],
             consumer_ring_wait: consumer[1] / consumer[0].max(1.0),
+            kernel_span_us,
+            between_kernels_us,
         }
     }
 }
@@ -279,5 +307,35 @@ mod tests {
                 && (p.producer_waits[1] - 0.40).abs() < 1e-12
         );
         assert!((p.consumer_ring_wait - 0.05).abs() < 1e-12);
+        // Block 2 ends the last phase 40 ns late; one step has no next one.
+        let span = (110 * 5 * NUM_LAYERS + 40) as f64 / 1e3;
+        assert!(
+            (p.kernel_span_us - span).abs() < 1e-9,
+            "{}",
+            p.kernel_span_us
+        );
+        assert!(p.between_kernels_us.is_nan());
+    }
+
+    #[test]
+    fn profile_times_the_gap_between_steps() {
+        // The same step twice, the second starting 7 us after the first ended.
+        let one = words();
+        let end = one[3 * PHASE_STAMPS - 1];
+        let shift = end + 7_000 - one[0];
+        let mut second = one.clone();
+        for b in 0..3 {
+            for w in &mut second[b * PHASE_STAMPS..(b + 1) * PHASE_STAMPS] {
+                if *w != 0 {
+                    *w += shift;
+                }
+            }
+        }
+        let p = Profile::from_words(&[one, second].concat(), 3);
+        assert!(
+            (p.between_kernels_us - 7.0).abs() < 1e-9,
+            "{}",
+            p.between_kernels_us
+        );
     }
 }
