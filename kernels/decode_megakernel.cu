@@ -56,47 +56,83 @@ struct ProjectionLayout {
     static __device__ __forceinline__ int at(int i) { return i ^ (((i >> 5) & 1) << 2); }
 };
 
-// Dot product of a bf16 row of K (in shared memory) with `vec` (K floats in
-// shared memory, ProjectionLayout), summed over the warp: every lane gets it.
-template <int K>
-__device__ __forceinline__ float row_dot(const unsigned char* row, const float* vec) {
+// Dot products of R bf16 rows of K (in shared memory) with `vec` (K floats
+// in shared memory, ProjectionLayout), summed over the warp: every lane gets
+// them. The rows' FMA chains and shuffles are independent and interleave,
+// and `vec` is read once for all of them.
+template <int K, int R>
+__device__ __forceinline__ void rows_dot(const unsigned char* const (&rows)[R], const float* vec, float (&y)[R]) {
     const int lane = threadIdx.x % WARP;
     const int first = (lane >> 2 & 1) * 4;  // where this lane's first four of the 8 lie
-    const bf16* w = reinterpret_cast<const bf16*>(row);
-    float acc = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) y[r] = 0.f;
 #pragma unroll
     for (int s = 0; s < K / (8 * WARP); ++s) {
         const int at = (s * WARP + lane) * 8;
-        acc = dot8(*reinterpret_cast<const uint4*>(w + at), *reinterpret_cast<const float4*>(vec + at + first),
-                   *reinterpret_cast<const float4*>(vec + at + 4 - first), acc);
+        const float4 lo = *reinterpret_cast<const float4*>(vec + at + first);
+        const float4 hi = *reinterpret_cast<const float4*>(vec + at + 4 - first);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            y[r] = dot8(*reinterpret_cast<const uint4*>(rows[r] + at * (int)sizeof(bf16)), lo, hi, y[r]);
     }
-    return warp_sum(acc);
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2)
+#pragma unroll
+        for (int r = 0; r < R; ++r) y[r] += __shfl_xor_sync(0xffffffffu, y[r], offset);
 }
 
+// Units of projection P a warp takes at once. A warp's rows of K = HIDDEN
+// are short dependent chains (load, 32 FMAs, 5 shuffles): taken one after
+// another, a warp waits on each in turn; taken together they overlap. Rows
+// of K = Q_DIM and INTERMEDIATE are long enough alone.
+template <int P>
+constexpr int UNITS_AT_ONCE = Streamed<P>::K == HIDDEN ? (SlotLayout<P>::PAIRED ? 2 : 3) : 1;
+
 // A projection phase: the block's units of projection P, read from the
-// ring, dotted with `vec`; consumer warps take units in turn. `store(unit,
-// y)` runs on lane 0 with the unit's one (or, gate/up, two) results.
-// `ring_wait` gathers the cycles thread 0 waits for rows (bench --profile).
+// ring, dotted with `vec`; consumer warps take units in turn, UNITS_AT_ONCE
+// at a time. `store(unit, y)` runs on lane 0 with the unit's one (or,
+// gate/up, two) results. `ring_wait` gathers the cycles thread 0 waits for
+// rows (bench --profile).
 template <int P, typename Store>
 __device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
                                         Store store) {
     using S = Streamed<P>;
     using L = SlotLayout<P>;
+    constexpr int AT_ONCE = UNITS_AT_ONCE<P>;
+    constexpr int ROWS = L::PAIRED ? 2 : 1;  // rows of a unit
     int begin, end;
     StreamRing::block_units<P>(begin, end);
+    const int n = end - begin;
     const int warp = threadIdx.x / WARP;
-    for (int u = warp; u < end - begin; u += CONSUMER_WARPS) {
-        const int index = ring.slot_of<P>(layer, u);
+    for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
+        // The warp's units u0 + j CONSUMER_WARPS that exist (the same test in
+        // every lane); a missing one repeats u0's rows, its result unused.
+        const unsigned char* rows[AT_ONCE * ROWS];
         const long long t0 = clock64();
-        const unsigned char* row = ring.wait_full(index) + (u % L::PER_SLOT) * L::ROW_BYTES;
+#pragma unroll
+        for (int j = 0; j < AT_ONCE; ++j) {
+            const int u = u0 + j * CONSUMER_WARPS;
+            const unsigned char* row = j == 0 || u < n ? ring.wait_full(ring.slot_of<P>(layer, u)) +
+                                                             (u % L::PER_SLOT) * L::ROW_BYTES
+                                                       : rows[0];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) rows[j * ROWS + r] = row + r * L::PAIRED_OFFSET;
+        }
         ring_wait += clock64() - t0;
-        float y[L::PAIRED ? 2 : 1];
-        y[0] = row_dot<S::K>(row, vec);
-        if constexpr (L::PAIRED) y[1] = row_dot<S::K>(row + L::PAIRED_OFFSET, vec);
+        float y[AT_ONCE * ROWS];
+        rows_dot<S::K>(rows, vec, y);
         __syncwarp();  // every lane has read the rows
         if (threadIdx.x % WARP == 0) {
-            ring.release(index, L::UNIT_UNITS);
-            store(begin + u, y);
+#pragma unroll
+            for (int j = 0; j < AT_ONCE; ++j) {
+                const int u = u0 + j * CONSUMER_WARPS;
+                if (j > 0 && u >= n) break;
+                ring.release(ring.slot_of<P>(layer, u), L::UNIT_UNITS);
+                float unit_y[ROWS];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) unit_y[r] = y[j * ROWS + r];
+                store(begin + u, unit_y);
+            }
         }
     }
 }
