@@ -59,7 +59,7 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 // blocks), and the host sizes the partials buffer for that many. Up to
 // ATTN_ONE_CHUNK keys a head is one chunk: two would be merged after an
 // atomic count and a round of loads, which costs more than the second half
-// of a short chunk (H100: positions 0-255 -2.8%; a minimum of 256 at every
+// of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
 // length made 1,024 3.5% slower).
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;

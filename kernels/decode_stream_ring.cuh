@@ -250,7 +250,7 @@ struct StreamRing {
             const int count = min(L::PER_SLOT, end - unit);
             const unsigned int row_bytes = count * L::ROW_BYTES;
             const bf16* rows = layer_weights + S::WEIGHTS + (size_t)unit * S::K;
-            const bf16* paired_rows = layer_weights + S::PAIRED + (size_t)unit * S::K;
+            const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
             prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
             if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
             unsigned char* slot = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
