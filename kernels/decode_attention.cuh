@@ -45,6 +45,21 @@ struct WarpAttention {
         const int lane = threadIdx.x % WARP, group = lane / 8, sub = lane % 8;
         constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
         static_assert(HEAD_DIM == 128, "");
+        // This lane's 16 dims of both queries, in registers for the whole
+        // tile: read from shared memory for every key, they were four fifths
+        // of the tile's shared-memory traffic, and a block with many tiles
+        // was bound by it.
+        float qd[GQA_GROUP][2][8];
+#pragma unroll
+        for (int h = 0; h < GQA_GROUP; ++h)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const float4 lo = *reinterpret_cast<const float4*>(&q[h][half * 64 + sub * 8]);
+                const float4 hi = *reinterpret_cast<const float4*>(&q[h][half * 64 + sub * 8 + 4]);
+                const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int d = 0; d < 8; ++d) qd[h][half][d] = v[d];
+            }
         // Scores, four keys at a time: eight lanes per key, each with 16 of
         // its dims as two 16-byte loads that cover the row's halves, so a
         // quarter warp reads 128 contiguous bytes (no bank conflict).
@@ -58,15 +73,10 @@ struct WarpAttention {
             for (int half = 0; half < 2; ++half) {
                 float k[8];
                 unpack8(*reinterpret_cast<const uint4*>(row + half * HEAD_DIM + sub * 16), k);
-                const int dim = half * 64 + sub * 8;
 #pragma unroll
-                for (int h = 0; h < GQA_GROUP; ++h) {
-                    const float4 lo = *reinterpret_cast<const float4*>(&q[h][dim]);
-                    const float4 hi = *reinterpret_cast<const float4*>(&q[h][dim + 4]);
-                    const float qd[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                for (int h = 0; h < GQA_GROUP; ++h)
 #pragma unroll
-                    for (int d = 0; d < 8; ++d) s[h] = fmaf(qd[d], k[d], s[h]);
-                }
+                    for (int d = 0; d < 8; ++d) s[h] = fmaf(qd[h][half][d], k[d], s[h]);
             }
 #pragma unroll
             for (int offset = 4; offset > 0; offset /= 2)
