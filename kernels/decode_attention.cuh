@@ -27,15 +27,22 @@ struct AttentionShared {
     int is_last;
 };
 
-// One warp's attention over the tiles it takes, for both query heads of a
-// KV head: the running max and sum of the scores, and the unnormalised
-// output (dims 4 lane .. 4 lane + 3 on each lane).
+// One warp's attention over the tiles it takes, for H query heads of a KV
+// head (AttentionTask): the running max and sum of the scores, and the
+// unnormalised output (dims 4 lane .. 4 lane + 3 on each lane).
+template <int H>
 struct WarpAttention {
-    const float (&q)[GQA_GROUP][HEAD_DIM];  // in shared memory: registers are scarce
-    float max[GQA_GROUP] = {-INFINITY, -INFINITY}, sum[GQA_GROUP] = {0.f, 0.f};
-    float out[GQA_GROUP][4] = {};
+    const float (&q)[GQA_GROUP][HEAD_DIM];  // in shared memory, the first H rows
+    float max[H], sum[H];
+    float out[H][4] = {};
 
-    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) : q(queries) {}
+    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) : q(queries) {
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            max[h] = -INFINITY;
+            sum[h] = 0.f;
+        }
+    }
 
     // Adds keys 0..n-1 of a tile: `keys` and `values` are n rows of
     // KV_ROW_BYTES in shared memory (n <= KV_TILE); `probs` is the warp's
@@ -49,9 +56,9 @@ struct WarpAttention {
         // tile: read from shared memory for every key, they were four fifths
         // of the tile's shared-memory traffic, and a block with many tiles
         // was bound by it.
-        float qd[GQA_GROUP][2][8];
+        float qd[H][2][8];
 #pragma unroll
-        for (int h = 0; h < GQA_GROUP; ++h)
+        for (int h = 0; h < H; ++h)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const float4 lo = *reinterpret_cast<const float4*>(&q[h][half * 64 + sub * 8]);
@@ -68,29 +75,29 @@ struct WarpAttention {
             if (pass * 4 >= n) break;  // the same for the whole warp
             const int key = pass * 4 + group;
             const unsigned char* row = keys + min(key, n - 1) * KV_ROW_BYTES;
-            float s[GQA_GROUP] = {0.f, 0.f};
+            float s[H] = {};
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 float k[8];
                 unpack8(*reinterpret_cast<const uint4*>(row + half * HEAD_DIM + sub * 16), k);
 #pragma unroll
-                for (int h = 0; h < GQA_GROUP; ++h)
+                for (int h = 0; h < H; ++h)
 #pragma unroll
                     for (int d = 0; d < 8; ++d) s[h] = fmaf(qd[h][half][d], k[d], s[h]);
             }
 #pragma unroll
             for (int offset = 4; offset > 0; offset /= 2)
 #pragma unroll
-                for (int h = 0; h < GQA_GROUP; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
+                for (int h = 0; h < H; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
             if (sub == 0 && key < n)
 #pragma unroll
-                for (int h = 0; h < GQA_GROUP; ++h) probs[h][key] = s[h] * scale;
+                for (int h = 0; h < H; ++h) probs[h][key] = s[h] * scale;
         }
         __syncwarp();
         // Online softmax, a lane per key: rescale what came before to the
         // tile's new max.
 #pragma unroll
-        for (int h = 0; h < GQA_GROUP; ++h) {
+        for (int h = 0; h < H; ++h) {
             const float score = lane < n ? probs[h][lane] : -INFINITY;
             const float new_max = fmaxf(max[h], warp_max(score));  // finite: the tile has a key
             const float rescale = __expf(max[h] - new_max);
@@ -109,7 +116,7 @@ struct WarpAttention {
             const uint2 packed = *reinterpret_cast<const uint2*>(values + key * KV_ROW_BYTES + lane * 8);
             const float v[4] = {bf16_lo(packed.x), bf16_hi(packed.x), bf16_lo(packed.y), bf16_hi(packed.y)};
 #pragma unroll
-            for (int h = 0; h < GQA_GROUP; ++h) {
+            for (int h = 0; h < H; ++h) {
                 const float prob = probs[h][key];
 #pragma unroll
                 for (int d = 0; d < 4; ++d) out[h][d] = fmaf(prob, v[d], out[h][d]);
@@ -119,17 +126,17 @@ struct WarpAttention {
     }
 };
 
-// q/k norm and RoPE of the task's query heads; the block whose chunk holds
-// `pos` also appends this step's key and value to the cache and keeps them
-// in shared memory, its last tile.
+// q/k norm and RoPE of the task's query heads; a block whose chunk holds
+// `pos` also computes this step's key and value and keeps them in shared
+// memory, its last tile, and the first such block of a KV head appends them
+// to the cache.
 __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, const AttentionTask& task, int layer,
                                 int pos, AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const bool holds = task.holds(pos);
-    if (warp >= GQA_GROUP + (holds ? 2 : 0)) return;
-    const bool is_q = warp < GQA_GROUP, is_k = warp == GQA_GROUP;
-    const int row0 = is_q ? (task.kv_head * GQA_GROUP + warp) * HEAD_DIM
-                          : Q_DIM + (is_k ? 0 : KV_DIM) + task.kv_head * HEAD_DIM;
+    if (warp >= task.q_heads + (holds ? 2 : 0)) return;
+    const bool is_q = warp < task.q_heads, is_k = warp == task.q_heads;
+    const int row0 = is_q ? (task.q_head + warp) * HEAD_DIM : Q_DIM + (is_k ? 0 : KV_DIM) + task.kv_head * HEAD_DIM;
     HeadNormRope norm_rope;
     if (is_q || is_k)
         norm_rope.prepare(layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM), p.inv_freq, (float)pos);
@@ -151,14 +158,16 @@ __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const bf16 b = __float2bfloat16(v[i]);
-        cache[lane + 32 * i] = b;
+        if (task.q_head % GQA_GROUP == 0) cache[lane + 32 * i] = b;
         own[lane + 32 * i] = b;
     }
 }
 
-// Attention of the block's task over its chunk: the output itself when the
-// chunk is the whole cache, else the unnormalised output with its max and
-// sum in the partials buffer, for the merge.
+// Attention of the block's task (H = task.q_heads query heads) over its
+// chunk: the output itself when the chunk is the whole cache, else the
+// unnormalised output with its max and sum in the partials buffer, for the
+// merge.
+template <int H>
 __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, const TaggedVector& qkv,
                                 const TaggedVector& attn, const AttentionTask& task, int layer, int pos,
                                 AttentionShared& sm) {
@@ -167,7 +176,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
     consumer_sync();
     stamp_phase(p, layer, 1, INPUTS_READY);
 
-    WarpAttention state(sm.q);
+    WarpAttention<H> state(sm.q);
     const int cached_end = task.cached_end(pos);
     const int tiles = ring.n_kv_tiles + (task.holds(pos) ? 1 : 0);  // the own key last
     for (int t = warp; t < tiles; t += CONSUMER_WARPS) {
@@ -183,7 +192,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
         }
     }
 #pragma unroll
-    for (int h = 0; h < GQA_GROUP; ++h) {
+    for (int h = 0; h < H; ++h) {
         if (lane == 0) {
             sm.max[warp][h] = state.max[h];
             sm.sum[warp][h] = state.sum[h];
@@ -195,7 +204,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 
     // Merge the warps' results (a warp without tiles has max -inf, sum and
     // output 0, and weight 0).
-    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
+    if (threadIdx.x < H * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         float m = -INFINITY;
 #pragma unroll
@@ -207,7 +216,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
             sum = fmaf(sm.sum[w][h], weight, sum);
             out = fmaf(sm.out[w][threadIdx.x], weight, out);
         }
-        const int q_head = task.kv_head * GQA_GROUP + h;
+        const int q_head = task.q_head + h;
         if (task.n_chunks == 1) {
             attn.store(q_head * HEAD_DIM + d, out / sum);
         } else {
@@ -257,7 +266,10 @@ __device__ void attention_phase(const DecodeParams& p, const StreamRing& ring, c
     // Recomputed in every layer rather than kept in registers through the others.
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
     if (!task.exists()) return;
-    attention_chunk(p, ring, qkv, attn, task, layer, pos, sm);
+    if (task.q_heads == 1)
+        attention_chunk<1>(p, ring, qkv, attn, task, layer, pos, sm);
+    else
+        attention_chunk<GQA_GROUP>(p, ring, qkv, attn, task, layer, pos, sm);
     if (task.n_chunks > 1) merge_if_last(p, attn, layer, task.kv_head, task.n_chunks, sm);
     consumer_sync();  // shared memory is reused by the next phase
 }

@@ -64,9 +64,16 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
 
+// A task covers both query heads of its KV head, except when a head's keys
+// are one chunk: then each query head is a task of its own, on twice the
+// blocks. Attention's instructions go with the query heads (two FMAs per
+// key and dim for two), and a block's tiles are issue-bound (H100: 0.21 us
+// a tile of 24 keys); each block of a pair streams the same keys, the second
+// mostly from L2.
 struct AttentionTask {
     int kv_head, chunk, n_chunks;
-    int begin, end;  // keys [begin, end); none when begin == end (no task)
+    int q_head, q_heads;  // the query heads [q_head, q_head + q_heads): 1 or GQA_GROUP
+    int begin, end;       // keys [begin, end); none when begin == end (no task)
 
     // Block `block`'s task in a step at position `pos`.
     __device__ static AttentionTask of_block(int pos, int block, int blocks) {
@@ -76,9 +83,13 @@ struct AttentionTask {
             n_keys <= ATTN_ONE_CHUNK ? n_keys : max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK);
         AttentionTask t;
         t.n_chunks = (n_keys + chunk_len - 1) / chunk_len;
-        t.kv_head = block / t.n_chunks;
-        t.chunk = block % t.n_chunks;
-        const bool has_task = block < NUM_KV_HEADS * t.n_chunks;
+        const bool split_queries = t.n_chunks == 1 && blocks >= NUM_Q_HEADS;
+        t.q_heads = split_queries ? 1 : GQA_GROUP;
+        const int tasks_per_kv_head = t.n_chunks * (GQA_GROUP / t.q_heads);
+        t.kv_head = block / tasks_per_kv_head;
+        t.chunk = block % t.n_chunks;  // 0 when the queries are split
+        t.q_head = t.kv_head * GQA_GROUP + (split_queries ? block % GQA_GROUP : 0);
+        const bool has_task = block < NUM_KV_HEADS * tasks_per_kv_head;
         t.begin = has_task ? t.chunk * chunk_len : 0;
         t.end = has_task ? min(n_keys, t.begin + chunk_len) : 0;
         return t;
