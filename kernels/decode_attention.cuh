@@ -52,7 +52,7 @@ struct WarpAttention {
         const int lane = threadIdx.x % WARP, group = lane / 8, sub = lane % 8;
         constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
         static_assert(HEAD_DIM == 128, "");
-        // This lane's 16 dims of both queries, in registers for the whole
+        // This lane's 16 dims of each query, in registers for the whole
         // tile: read from shared memory for every key, they were four fifths
         // of the tile's shared-memory traffic, and a block with many tiles
         // was bound by it.
