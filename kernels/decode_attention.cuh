@@ -204,6 +204,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 
     // Merge the warps' results (a warp without tiles has max -inf, sum and
     // output 0, and weight 0).
+    static_assert(CONSUMERS >= GQA_GROUP * HEAD_DIM, "a consumer thread per output of the merge");
     if (threadIdx.x < H * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         float m = -INFINITY;

@@ -41,8 +41,12 @@ pub mod layer_layout {
     }
 }
 
-/// Threads per block of the decode megakernel (16 warps).
-pub const DECODE_THREADS: usize = 512;
+/// Threads per block of the decode megakernel (12 warps: a producer and 11
+/// consumers). 384 threads leave each 168 registers, against 128 at 512,
+/// where ptxas spilled (65 spill instructions, 22 here); on the H100 it
+/// measured -1.0% per token at 0-255 and -4.6% at 16,384, 4,096 unchanged
+/// (RESULTS.md, session 8).
+pub const DECODE_THREADS: usize = 384;
 /// Threads per block of the LM-head kernel.
 pub const LM_HEAD_THREADS: usize = 512;
 /// Rows of the residual stream one decode block keeps in shared memory, at
@@ -52,7 +56,7 @@ pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 /// The decode kernel's stream ring (kernels/decode_stream_ring.cuh): slots
 /// of 12 KB (six 2 KB rows of K = HIDDEN, or the keys and values of 24
 /// cached positions), as many as the GPU's shared memory per block holds
-/// beside the kernel's static 22 KB, up to 16 (192 KB on Hopper; 6 on an
+/// beside the kernel's static 17 KB, up to 16 (192 KB on Hopper; 6 on an
 /// RTX 5090, whose blocks get 99 KB).
 pub const RING_SLOT_BYTES: usize = 12 * 1024;
 pub const RING_MAX_SLOTS: usize = 16;
