@@ -95,8 +95,6 @@ struct AttentionTask {
         return t;
     }
     __device__ bool exists() const { return begin < end; }
-    // Blocks with a task: the first NUM_KV_HEADS x n_chunks.
-    __device__ int blocks_with_tasks() const { return NUM_KV_HEADS * n_chunks; }
     // Whether the chunk holds this step's own position, whose key and value
     // the block computes (and appends to the cache) instead of reading them.
     __device__ bool holds(int pos) const { return begin <= pos && pos < end; }

@@ -101,7 +101,7 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
     constexpr int AT_ONCE = UNITS_AT_ONCE<P>;
     constexpr int ROWS = L::PAIRED ? 2 : 1;  // rows of a unit
     int begin, end;
-    ring.block_units<P>(begin, end);
+    StreamRing::block_units<P>(begin, end);
     const int n = end - begin;
     const int warp = threadIdx.x / WARP;
     for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
@@ -173,8 +173,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
     const int pos = (int)state->pos;
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
-    const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots, task,
-                          pos);  // ends in __syncthreads
+    const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots,
+                          kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {
             const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;
@@ -193,10 +193,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     // a block adds to in E are the ones it wrote in C: it keeps them in
     // shared memory instead of reading them back.
     static_assert(Streamed<O_PROJ>::UNITS == HIDDEN && Streamed<DOWN_PROJ>::UNITS == HIDDEN, "");
-    int own_begin, own_end, qkv_begin, qkv_end;
-    ring.block_units<QKV_PROJ>(qkv_begin, qkv_end);
-    const bool takes_qkv = qkv_begin < qkv_end;
-    ring.block_units<O_PROJ>(own_begin, own_end);
+    int own_begin, own_end;
+    StreamRing::block_units<O_PROJ>(own_begin, own_end);
     const Handoffs handoffs{&p, &first_tag};
     // C and E: row `row` of x becomes `before` + `y`, kept and handed on.
     auto add_to_residual = [&](int row, float before, float y, const TaggedVector& out) {
@@ -213,14 +211,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         // The residual stream of layer 0 is the token's embedding row.
         const bool first = layer == 0;
         const bool last = layer + 1 == NUM_LAYERS;
-        // A: RMSNorm + QKV projection (a block without QKV rows needs no norm).
+        // A: RMSNorm + QKV projection.
         if (first) {
-            if (takes_qkv)
-                rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
-                    Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+                Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
             if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
             consumer_sync();
-        } else if (takes_qkv) {
+        } else {
             rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
                 handoffs.at(layer - 1, X_AFTER_MLP), layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec,
                 scratch);

@@ -119,26 +119,18 @@ struct StreamRing {
     int slots_per_layer;           // this block's, the same in every layer
     int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
     int first_kv_slot, n_kv_tiles;    // the attention chunk's tiles, between QKV and O
-    int qkv_first_block;              // blocks from here on take the QKV rows
 
     // Called by every thread of the block; ends in __syncthreads, after
-    // which the producer warp and the consumer warps part. `task` is the
-    // block's attention task in this step, at position `pos`.
+    // which the producer warp and the consumer warps part. `kv_tiles_` is
+    // kv_tiles() of the block's attention task.
     __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int n_slots_,
-                          const AttentionTask& task, int pos)
+                          int kv_tiles_)
         : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), armed(armed_), n_slots(n_slots_) {
-        // At short context a head's attention is one chunk, on one of
-        // NUM_KV_HEADS blocks that also stream its keys and values (up to 11
-        // slots a layer). Those blocks take no QKV rows: the others' shares
-        // grow by a quarter of a slot (132 SMs: 33-34 rows instead of 31-32,
-        // 6 slots either way), and no block streams 6 slots more than another.
-        const int with_tasks = task.blocks_with_tasks();
-        qkv_first_block = with_tasks == NUM_KV_HEADS && (int)gridDim.x >= 4 * NUM_KV_HEADS ? with_tasks : 0;
         slots_per_layer = 0;
         first_slot[QKV_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<QKV_PROJ>();
         first_kv_slot = slots_per_layer;
-        n_kv_tiles = kv_tiles(task, pos);
+        n_kv_tiles = kv_tiles_;
         slots_per_layer += n_kv_tiles;
         first_slot[O_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<O_PROJ>();
@@ -159,20 +151,14 @@ struct StreamRing {
         __syncthreads();
     }
 
-    // This block's units of projection P: a balanced contiguous range (none
-    // of QKV for blocks before qkv_first_block).
+    // This block's units of projection P: a balanced contiguous range.
     template <int P>
-    __device__ void block_units(int& begin, int& end) const {
-        const int first = P == QKV_PROJ ? qkv_first_block : 0;
-        if ((int)blockIdx.x < first) {
-            begin = end = 0;
-            return;
-        }
-        split_range(Streamed<P>::UNITS, blockIdx.x - first, gridDim.x - first, begin, end);
+    static __device__ void block_units(int& begin, int& end) {
+        split_range(Streamed<P>::UNITS, blockIdx.x, gridDim.x, begin, end);
     }
 
     template <int P>
-    __device__ int projection_slots() const {
+    static __device__ int projection_slots() {
         int begin, end;
         block_units<P>(begin, end);
         return (end - begin + SlotLayout<P>::PER_SLOT - 1) / SlotLayout<P>::PER_SLOT;
