@@ -231,12 +231,14 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
     }
 }
 
-// The block that finishes a KV head's last chunk merges all its chunks. The
-// acq_rel count publishes this block's partials (ordered by the consumer
-// barrier before it) and, for the last block, acquires everyone's.
-__device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, int kv_head, int n_chunks,
+// The block that finishes the last chunk of the task's query heads merges
+// all their chunks. The acq_rel count publishes this block's partials
+// (ordered by the consumer barrier before it) and, for the last block,
+// acquires everyone's. A counter per layer and query head (the task's first).
+__device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, const AttentionTask& task,
                               AttentionShared& sm) {
-    unsigned int* counter = p.attn_counters + layer * NUM_KV_HEADS + kv_head;
+    const int n_chunks = task.n_chunks;
+    unsigned int* counter = p.attn_counters + layer * NUM_Q_HEADS + task.q_head;
     consumer_sync();
     if (threadIdx.x == 0) {
         cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*counter);
@@ -244,9 +246,9 @@ __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, i
     }
     consumer_sync();
     if (!sm.is_last) return;
-    if (threadIdx.x < GQA_GROUP * HEAD_DIM) {
+    if (threadIdx.x < task.q_heads * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
-        const int q_head = kv_head * GQA_GROUP + h;
+        const int q_head = task.q_head + h;
         const float* partials = p.attn_partials + (size_t)q_head * p.max_chunks * (HEAD_DIM + 2);
         float m = -INFINITY;
         for (int c = 0; c < n_chunks; ++c) m = fmaxf(m, load_coherent(partials + c * (HEAD_DIM + 2) + HEAD_DIM));
@@ -271,7 +273,7 @@ __device__ void attention_phase(const DecodeParams& p, const StreamRing& ring, c
         attention_chunk<1>(p, ring, qkv, attn, task, layer, pos, sm);
     else
         attention_chunk<GQA_GROUP>(p, ring, qkv, attn, task, layer, pos, sm);
-    if (task.n_chunks > 1) merge_if_last(p, attn, layer, task.kv_head, task.n_chunks, sm);
+    if (task.n_chunks > 1) merge_if_last(p, attn, layer, task, sm);
     consumer_sync();  // shared memory is reused by the next phase
 }
 

@@ -33,7 +33,7 @@ struct DecodeParams {
     unsigned long long* attn_tagged;  // Q_DIM
     unsigned long long* mlp_tagged;   // INTERMEDIATE
     float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
-    unsigned int* attn_counters; // NUM_LAYERS x NUM_KV_HEADS, zero between launches
+    unsigned int* attn_counters; // NUM_LAYERS x NUM_Q_HEADS, zero between launches
     unsigned long long* launches;  // block arrivals of every launch since the sequence began
     const DecodeState* state;
     const unsigned int* tokens;  // context + 1 token ids
@@ -54,9 +54,10 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 
 // Attention splits the positions 0..pos of every KV head into chunks of at
 // least ATTN_MIN_CHUNK keys, about one chunk per block: block b takes task
-// b, a (KV head, chunk). There are at most blocks / NUM_KV_HEADS chunks per
-// head, so no block has two tasks (the host runs at least NUM_KV_HEADS
-// blocks), and the host sizes the partials buffer for that many. Up to
+// b, a (KV head or query head, chunk; see AttentionTask). There are at most
+// blocks / NUM_KV_HEADS chunks per head, so no block has two tasks (the host
+// runs at least NUM_KV_HEADS blocks), and the host sizes the partials buffer
+// for that many. Up to
 // ATTN_ONE_CHUNK keys a head is one chunk: two would be merged after an
 // atomic count and a round of loads, which costs more than the second half
 // of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
@@ -64,12 +65,14 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
 
-// A task covers both query heads of its KV head, except when a head's keys
-// are one chunk: then each query head is a task of its own, on twice the
-// blocks. Attention's instructions go with the query heads (two FMAs per
-// key and dim for two), and a block's tiles are issue-bound (H100: 0.21 us
-// a tile of 24 keys); each block of a pair streams the same keys, the second
-// mostly from L2.
+// A task covers both query heads of its KV head, except while the query
+// heads' tasks fit the grid with chunks of at most ATTN_ONE_CHUNK, or of
+// ATTN_MIN_CHUNK keys (up to 1,024 keys on a 132-SM GPU): then each query
+// head is a task of its own, on twice the blocks. Attention's instructions go
+// with the query heads (two FMAs per key and dim for two), and a block's tiles
+// are issue-bound (H100: 0.21 us a tile of 24 keys); the blocks of a pair
+// stream the same keys and values, the second mostly from L2. Past that
+// length a block would stream twice the keys for the same FMAs.
 struct AttentionTask {
     int kv_head, chunk, n_chunks;
     int q_head, q_heads;  // the query heads [q_head, q_head + q_heads): 1 or GQA_GROUP
@@ -78,18 +81,19 @@ struct AttentionTask {
     // Block `block`'s task in a step at position `pos`.
     __device__ static AttentionTask of_block(int pos, int block, int blocks) {
         const int n_keys = pos + 1;
-        const int wanted = max(1, blocks / NUM_KV_HEADS);
+        const int q_chunks = blocks / NUM_Q_HEADS;  // chunks a query head may have, split
+        const bool split = q_chunks >= 1 && (n_keys <= ATTN_ONE_CHUNK || n_keys <= q_chunks * ATTN_MIN_CHUNK);
+        const int wanted = split ? q_chunks : max(1, blocks / NUM_KV_HEADS);
         const int chunk_len =
             n_keys <= ATTN_ONE_CHUNK ? n_keys : max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK);
         AttentionTask t;
         t.n_chunks = (n_keys + chunk_len - 1) / chunk_len;
-        const bool split_queries = t.n_chunks == 1 && blocks >= NUM_Q_HEADS;
-        t.q_heads = split_queries ? 1 : GQA_GROUP;
-        const int tasks_per_kv_head = t.n_chunks * (GQA_GROUP / t.q_heads);
-        t.kv_head = block / tasks_per_kv_head;
-        t.chunk = block % t.n_chunks;  // 0 when the queries are split
-        t.q_head = t.kv_head * GQA_GROUP + (split_queries ? block % GQA_GROUP : 0);
-        const bool has_task = block < NUM_KV_HEADS * tasks_per_kv_head;
+        t.q_heads = split ? 1 : GQA_GROUP;
+        const int per_kv_head = t.n_chunks * (GQA_GROUP / t.q_heads);  // tasks
+        t.kv_head = block / per_kv_head;
+        t.q_head = t.kv_head * GQA_GROUP + block % per_kv_head / t.n_chunks * t.q_heads;
+        t.chunk = block % t.n_chunks;
+        const bool has_task = block < NUM_KV_HEADS * per_kv_head;
         t.begin = has_task ? t.chunk * chunk_len : 0;
         t.end = has_task ? min(n_keys, t.begin + chunk_len) : 0;
         return t;

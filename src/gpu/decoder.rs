@@ -103,10 +103,10 @@ struct LmHeadParams {
 }
 unsafe impl DeviceRepr for LmHeadParams {}
 
-/// attention merge counters (one per layer and KV head) | decode launch
+/// attention merge counters (one per layer and query head) | decode launch
 /// arrivals (u64, 8-byte aligned: the merge counters are an even number) |
 /// LM-head blocks done.
-const MERGE_COUNTERS: usize = NUM_LAYERS * NUM_KV_HEADS;
+const MERGE_COUNTERS: usize = NUM_LAYERS * NUM_Q_HEADS;
 const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 1;
 const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
 
