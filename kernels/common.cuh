@@ -133,10 +133,12 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // Rows [begin, end) of `total` that part `part` of `parts` owns: balanced
-// contiguous ranges.
+// contiguous ranges. In 32 bits (total * parts < 2^32, which the host
+// checks): a 64-bit division is a called routine of some hundred
+// instructions, and the decode kernel splits every phase's rows this way.
 __device__ __forceinline__ void split_range(int total, int part, int parts, int& begin, int& end) {
-    begin = (int)((long long)total * part / parts);
-    end = (int)((long long)total * (part + 1) / parts);
+    begin = (int)((unsigned int)total * (unsigned int)part / (unsigned int)parts);
+    end = (int)((unsigned int)total * (unsigned int)(part + 1) / (unsigned int)parts);
 }
 
 // Vectors read with every load issued before the first is used: `load(i)`

@@ -110,6 +110,19 @@ __device__ __forceinline__ void mbarrier_wait(const unsigned long long* bar, uns
         : "memory");
 }
 
+// The ring's slot count where every GPU of the architecture gives a block
+// the same shared memory (src/kernel_dims.rs): a use's slot and lap are then
+// a mask and a shift, or a multiply, not divisions by a run-time count,
+// which cost 4% of a step on the H200. Elsewhere 0: the host's count.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr int RING_FIXED_SLOTS = QMK_RING_SLOTS_SM90;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 1200
+constexpr int RING_FIXED_SLOTS = QMK_RING_SLOTS_SM120;
+#else
+constexpr int RING_FIXED_SLOTS = 0;
+#endif
+static_assert(RING_FIXED_SLOTS <= RING_MAX_SLOTS, "");
+
 struct StreamRing {
     unsigned char* storage;     // n_slots x RING_SLOT_BYTES of dynamic shared memory
     unsigned long long* full;   // n_slots mbarriers
@@ -126,6 +139,10 @@ struct StreamRing {
     __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int n_slots_,
                           int kv_tiles_)
         : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), armed(armed_), n_slots(n_slots_) {
+        // A compiled-in count the launch does not match would use shared
+        // memory the block does not have: fail the launch instead (the host
+        // checks it first, in ring_slots, src/gpu/decoder.rs).
+        if (RING_FIXED_SLOTS != 0 && n_slots != RING_FIXED_SLOTS) __trap();
         slots_per_layer = 0;
         first_slot[QKV_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<QKV_PROJ>();
@@ -164,6 +181,11 @@ struct StreamRing {
         return (end - begin + SlotLayout<P>::PER_SLOT - 1) / SlotLayout<P>::PER_SLOT;
     }
 
+    // Slot of use `index` of the ring, and how many times round it is.
+    __device__ int slot(int index) const { return (int)((unsigned int)index % count()); }
+    __device__ unsigned int lap(int index) const { return (unsigned int)index / count(); }
+    __device__ unsigned int count() const { return RING_FIXED_SLOTS ? RING_FIXED_SLOTS : n_slots; }
+
     // ---- consumer side ----
 
     // Index (in the launch's sequence of slot uses) of the slot holding unit
@@ -178,10 +200,10 @@ struct StreamRing {
 
     // Waits until use `index` of the ring has landed; returns the slot.
     __device__ const unsigned char* wait_full(int index) const {
-        const int s = index % n_slots;
+        const int s = slot(index);
         while (armed[s] != index) {
         }
-        mbarrier_wait(full + s, (unsigned int)(index / n_slots) & 1u);
+        mbarrier_wait(full + s, lap(index) & 1u);
         return storage + (size_t)s * RING_SLOT_BYTES;
     }
 
@@ -192,7 +214,7 @@ struct StreamRing {
     // per row a warp handles).
     __device__ void release(int index, int units) const {
         asm volatile("mbarrier.arrive.relaxed.cta.shared::cta.b64 _, [%0], %1;" ::"r"(
-                         smem_address(empty + index % n_slots)),
+                         smem_address(empty + slot(index))),
                      "r"(units)
                      : "memory");
     }
@@ -232,7 +254,7 @@ struct StreamRing {
         if (cycles != nullptr) {
             // The last copies land after the loop: wait, so the total is the stream's.
             const int last = index - 1;
-            mbarrier_wait(full + last % n_slots, (unsigned int)(last / n_slots) & 1u);
+            mbarrier_wait(full + slot(last), lap(last) & 1u);
             cycles[0] = clock64() - start;
             cycles[1] = clock.waited_for_slot;
             cycles[2] = clock.waited_for_copy;
@@ -253,10 +275,10 @@ struct StreamRing {
             const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
             prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
             if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
-            unsigned char* slot = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
-            unsigned long long* landed = full + index % n_slots;
-            copy(slot, rows, row_bytes, landed, policy);
-            if (L::PAIRED) copy(slot + L::PAIRED_OFFSET, paired_rows, row_bytes, landed, policy);
+            unsigned char* dst = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
+            unsigned long long* landed = full + slot(index);
+            copy(dst, rows, row_bytes, landed, policy);
+            if (L::PAIRED) copy(dst + L::PAIRED_OFFSET, paired_rows, row_bytes, landed, policy);
             // The units this use leaves empty count as read already.
             const int unused = (L::PER_SLOT - count) * L::UNIT_UNITS;
             if (unused > 0) release(index, unused);
@@ -276,10 +298,10 @@ struct StreamRing {
             const bf16* values = p.v_cache + head + (size_t)key * HEAD_DIM;
             prefetch_l2(keys, bytes);
             prefetch_l2(values, bytes);
-            unsigned char* slot = acquire(index, in_flight, 2 * bytes, clock);
-            unsigned long long* landed = full + index % n_slots;
-            copy(slot, keys, bytes, landed);
-            copy(slot + KV_VALUES_OFFSET, values, bytes, landed);
+            unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
+            unsigned long long* landed = full + slot(index);
+            copy(dst, keys, bytes, landed);
+            copy(dst + KV_VALUES_OFFSET, values, bytes, landed);
         }
     }
 
@@ -288,13 +310,13 @@ struct StreamRing {
     // are outstanding), announces the bytes its copies will bring, and
     // returns the slot.
     __device__ unsigned char* acquire(int index, int in_flight, unsigned int bytes, ProducerClock& clock) const {
-        const int s = index % n_slots;
+        const int s = slot(index);
         const long long t0 = clock64();
-        if (index >= n_slots) mbarrier_wait(empty + s, (unsigned int)(index / n_slots - 1) & 1u);
+        if (index >= n_slots) mbarrier_wait(empty + s, (lap(index) - 1) & 1u);
         const long long t1 = clock64();
         if (index >= in_flight) {
             const int older = index - in_flight;
-            mbarrier_wait(full + older % n_slots, (unsigned int)(older / n_slots) & 1u);
+            mbarrier_wait(full + slot(older), lap(older) & 1u);
         }
         clock.waited_for_slot += t1 - t0;
         clock.waited_for_copy += clock64() - t1;

@@ -60,6 +60,15 @@ pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 /// RTX 5090, whose blocks get 99 KB).
 pub const RING_SLOT_BYTES: usize = 12 * 1024;
 pub const RING_MAX_SLOTS: usize = 16;
+/// The ring's slot count compiled into the kernel for the architectures
+/// whose every GPU gives a block the same shared memory: Hopper (sm_90,
+/// 227 KB: 16 slots) and sm_120 (RTX 50 series, 99 KB: 6). A use's slot and
+/// lap are then a mask and a shift, or a multiply, instead of divisions by a
+/// run-time count on the producer's and every ring wait's path (H200: -4.3%
+/// per token at 0-255, RESULTS.md, session 10). The host checks that the GPU
+/// fits that many; other architectures use the count the host computes.
+pub const RING_SLOTS_SM90: usize = 16;
+pub const RING_SLOTS_SM120: usize = 6;
 /// Fewest slots the kernel is run with: the ring must hold slots being read
 /// while others are copied.
 pub const RING_MIN_SLOTS: usize = 3;
@@ -114,6 +123,8 @@ const _: () = assert!(PREFILL_ATTN_THREADS / 32 == 2 * PREFILL_ATTN_QUERIES / 16
 const _: () = assert!(PREFILL_ATTN_KEYS.is_multiple_of(16));
 const _: () = assert!(PREFILL_ROW_THREADS * 8 == HIDDEN);
 const _: () = assert!(RING_MIN_SLOTS >= RING_IN_FLIGHT && RING_MAX_SLOTS >= RING_MIN_SLOTS);
+const _: () = assert!(RING_SLOTS_SM90 <= RING_MAX_SLOTS && RING_SLOTS_SM90 >= RING_MIN_SLOTS);
+const _: () = assert!(RING_SLOTS_SM120 <= RING_MAX_SLOTS && RING_SLOTS_SM120 >= RING_MIN_SLOTS);
 const _: () = assert!(RING_SLOT_BYTES.is_multiple_of(2 * HIDDEN));
 
 /// The macros nvcc receives, in `-DNAME=VALUE` form.
@@ -129,6 +140,8 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
     ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
     ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),
+    ("QMK_RING_SLOTS_SM90", RING_SLOTS_SM90),
+    ("QMK_RING_SLOTS_SM120", RING_SLOTS_SM120),
     ("QMK_DECODE_POLL_BACKOFF_NS", DECODE_POLL_BACKOFF_NS),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
     (
@@ -194,6 +207,8 @@ mod tests {
             "QMK_LAYER_STRIDE",
             "QMK_RING_SLOT_BYTES",
             "QMK_RING_MAX_SLOTS",
+            "QMK_RING_SLOTS_SM90",
+            "QMK_RING_SLOTS_SM120",
         ] {
             assert!(
                 KERNEL_DEFINES.iter().any(|(n, _)| *n == name),

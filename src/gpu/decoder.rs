@@ -28,7 +28,8 @@ use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
     DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
     NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
-    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOT_BYTES,
+    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOTS_SM120,
+    RING_SLOTS_SM90, RING_SLOT_BYTES,
 };
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
@@ -191,14 +192,37 @@ pub const KV_BYTES_PER_POSITION: usize = 2 * NUM_LAYERS * NUM_KV_HEADS * HEAD_DI
 
 /// Weight-ring slots of the decode kernel on this GPU: as many as fit the
 /// shared memory a block may opt into, beside the kernel's static shared
-/// memory, up to RING_MAX_SLOTS.
+/// memory, up to RING_MAX_SLOTS; on an architecture whose kernel has the
+/// count compiled in, exactly that many.
 fn ring_slots(device: &Device) -> Result<usize> {
     let opt_in = device
         .ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
         as usize;
     let fixed = device.decode_step.shared_size_bytes()? as usize;
-    slots_that_fit(&device.name, opt_in, fixed)
+    let fit = slots_that_fit(&device.name, opt_in, fixed)?;
+    compiled_slots(&device.name, device.compute_capability, fit)
+}
+
+/// The ring's slot count for a GPU of compute capability `cc` on which
+/// `fit` slots fit: the count compiled into its kernel, where there is one
+/// (kernels/decode_stream_ring.cuh, RING_FIXED_SLOTS), else `fit`.
+fn compiled_slots(gpu: &str, cc: (i32, i32), fit: usize) -> Result<usize> {
+    let compiled = match cc {
+        (9, 0) => RING_SLOTS_SM90,
+        (12, 0) => RING_SLOTS_SM120,
+        _ => return Ok(fit),
+    };
+    if fit < compiled {
+        bail!(
+            "{gpu} fits {fit} weight-ring slots in a block's shared memory, but the decode kernel for compute capability {}.{} is built for {compiled}; lower RING_SLOTS_SM{}{} in src/kernel_dims.rs and rebuild",
+            cc.0,
+            cc.1,
+            cc.0,
+            cc.1
+        );
+    }
+    Ok(compiled)
 }
 
 fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
@@ -324,6 +348,14 @@ impl GpuDecoder {
             .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
             .clamp(1, 4);
         let lm_head_blocks = device.sm_count * lm_per_sm;
+        // The kernels split rows over blocks in 32-bit arithmetic
+        // (split_range, kernels/common.cuh).
+        if config.vocab_size as u64 * lm_head_blocks as u64 >= 1 << 32 {
+            bail!(
+                "a vocabulary of {} rows over {lm_head_blocks} LM-head blocks is beyond what the kernels index; this checkpoint is not one qwen-mk runs",
+                config.vocab_size
+            );
+        }
         // As many attention chunks per KV head as the kernel makes at most
         // (AttentionTask in kernels/decode_common.cuh).
         let max_chunks = (decode_blocks as usize / NUM_KV_HEADS).max(1);
@@ -671,6 +703,26 @@ mod tests {
         let err = slots_that_fit("small", 48 * 1024, fixed).unwrap_err();
         assert!(
             err.to_string().contains("small gives a block 49152 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hopper_and_sm120_use_the_compiled_slot_count() {
+        assert_eq!(compiled_slots("H100", (9, 0), 16).unwrap(), RING_SLOTS_SM90);
+        assert_eq!(
+            compiled_slots("RTX 5090", (12, 0), 6).unwrap(),
+            RING_SLOTS_SM120
+        );
+        // More room than the kernel was built for: it uses what it was built for.
+        assert_eq!(compiled_slots("big", (12, 0), 9).unwrap(), RING_SLOTS_SM120);
+        // Other architectures: whatever fits.
+        assert_eq!(compiled_slots("L40S", (8, 9), 7).unwrap(), 7);
+        let err = compiled_slots("odd Hopper", (9, 0), 12)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("odd Hopper fits 12 weight-ring slots") && err.contains("RING_SLOTS_SM90"),
             "{err}"
         );
     }
