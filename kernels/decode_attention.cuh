@@ -264,10 +264,13 @@ __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, i
     if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
 }
 
+// `block_task` is the block's task, in shared memory: read in every layer,
+// not kept in registers through the others, nor computed again (its
+// divisions cost 1-3% of a step, H200).
 __device__ void attention_phase(const DecodeParams& p, const StreamRing& ring, const TaggedVector& qkv,
-                                const TaggedVector& attn, int layer, int pos, AttentionShared& sm) {
-    // Recomputed in every layer rather than kept in registers through the others.
-    const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
+                                const TaggedVector& attn, const AttentionTask& block_task, int layer, int pos,
+                                AttentionShared& sm) {
+    const AttentionTask task = block_task;
     if (!task.exists()) return;
     if (task.q_heads == 1)
         attention_chunk<1>(p, ring, qkv, attn, task, layer, pos, sm);

@@ -164,6 +164,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ float scratch[CONSUMER_WARPS];
     __shared__ unsigned long long ring_barriers[2 * RING_MAX_SLOTS];
     __shared__ int ring_armed[RING_MAX_SLOTS];
+    __shared__ AttentionTask block_task;
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
     __shared__ unsigned int first_tag;
     extern __shared__ __align__(128) unsigned char ring_storage[];
@@ -173,6 +174,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
     const int pos = (int)state->pos;
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
+    if (threadIdx.x == 0) block_task = task;  // attention reads it there in every layer
     const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots,
                           kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
@@ -231,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
 
         // B: attention (the producer streams the next phases' rows meanwhile).
         consumer_sync();  // the attention scratch shares shared memory with sm.vec
-        attention_phase(p, ring, qkv, attn, layer, pos, sm.attn);
+        attention_phase(p, ring, qkv, attn, block_task, layer, pos, sm.attn);
         stamp_phase(p, layer, 1, PHASE_DONE);
 
         // C: O projection + residual.
