@@ -182,9 +182,9 @@ struct StreamRing {
     }
 
     // Slot of use `index` of the ring, and how many times round it is.
-    __device__ int slot(int index) const { return (int)((unsigned int)index % count()); }
-    __device__ unsigned int lap(int index) const { return (unsigned int)index / count(); }
-    __device__ unsigned int count() const { return RING_FIXED_SLOTS ? RING_FIXED_SLOTS : n_slots; }
+    __device__ int slot(int index) const { return (int)((unsigned int)index % slot_count()); }
+    __device__ unsigned int lap(int index) const { return (unsigned int)index / slot_count(); }
+    __device__ unsigned int slot_count() const { return RING_FIXED_SLOTS ? RING_FIXED_SLOTS : n_slots; }
 
     // ---- consumer side ----
 
