@@ -75,6 +75,8 @@ fn build() -> Result<(), String> {
     }
     writeln!(embedded, "pub const CUDA_ARCHS: &str = {archs:?};").ok();
     fs::write(out_dir.join("kernels.rs"), embedded).map_err(|e| e.to_string())?;
+    // The tests read ptxas's report (registers, shared memory per kernel).
+    fs::write(out_dir.join("kernel-resources.txt"), &report).map_err(|e| e.to_string())?;
 
     // OUT_DIR is target/<profile>/build/<pkg>-<hash>/out.
     if let Some(profile_dir) = out_dir.ancestors().nth(3) {

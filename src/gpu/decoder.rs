@@ -694,8 +694,9 @@ mod tests {
 
     #[test]
     fn the_ring_takes_the_shared_memory_a_block_may_have() {
-        // The decode kernel's static shared memory as ptxas reports it.
-        let fixed = 17_024;
+        // The decode kernel's static shared memory as ptxas reports it (the
+        // next test reads this build's).
+        let fixed = 16_128;
         // H100 / H200: 227 KB a block: the ring's limit of 16 slots.
         assert_eq!(slots_that_fit("H100", 232_448, fixed).unwrap(), 16);
         // RTX 5090: 99 KB a block: 6 slots of 12 KB.
@@ -705,6 +706,45 @@ mod tests {
             err.to_string().contains("small gives a block 49152 bytes"),
             "{err}"
         );
+    }
+
+    /// ptxas's report of this build's kernels (build.rs).
+    const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel-resources.txt"));
+
+    /// Static shared memory of `function` compiled for `arch`, as ptxas
+    /// reports it (what the driver's SHARED_SIZE_BYTES gives the host).
+    fn static_shared_memory(function: &str, arch: &str) -> Option<usize> {
+        let entry = format!("Compiling entry function '{function}' for '{arch}'");
+        let rest = &PTXAS_REPORT[PTXAS_REPORT.find(&entry)?..];
+        let usage = rest.lines().find(|line| line.contains("bytes smem"))?;
+        usage
+            .split(',')
+            .find_map(|part| part.trim().strip_suffix(" bytes smem")?.parse().ok())
+    }
+
+    #[test]
+    fn the_compiled_slot_counts_fit_beside_the_kernels_static_shared_memory() {
+        // (arch, shared memory a block may opt into, slots compiled in).
+        let archs = [
+            ("90a", 232_448, RING_SLOTS_SM90),
+            ("120a", 101_376, RING_SLOTS_SM120),
+        ];
+        let mut checked = 0;
+        for (arch, opt_in, compiled) in archs {
+            // An architecture this build leaves out (QWEN_MK_CUDA_ARCHS) has
+            // no kernel to check.
+            let Some(fixed) = static_shared_memory("decode_step", &format!("sm_{arch}")) else {
+                continue;
+            };
+            let fit = slots_that_fit(arch, opt_in, fixed).unwrap();
+            assert_eq!(
+                compiled_slots(arch, if arch == "90a" { (9, 0) } else { (12, 0) }, fit).unwrap(),
+                compiled,
+                "sm_{arch}: {fixed} bytes of static shared memory leave room for {fit} slots"
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "this build has neither sm_90a nor sm_120a");
     }
 
     #[test]
