@@ -204,14 +204,20 @@ fn ring_slots(device: &Device) -> Result<usize> {
     compiled_slots(&device.name, device.compute_capability, fit)
 }
 
+/// The architectures whose decode kernel has the ring's slot count compiled
+/// in (kernels/decode_stream_ring.cuh, RING_FIXED_SLOTS): compute
+/// capability, the build's name for it, the count.
+const COMPILED_RING_SLOTS: [((i32, i32), &str, usize); 2] = [
+    ((9, 0), "90a", RING_SLOTS_SM90),
+    ((12, 0), "120a", RING_SLOTS_SM120),
+];
+
 /// The ring's slot count for a GPU of compute capability `cc` on which
-/// `fit` slots fit: the count compiled into its kernel, where there is one
-/// (kernels/decode_stream_ring.cuh, RING_FIXED_SLOTS), else `fit`.
+/// `fit` slots fit: the count compiled into its kernel, where there is one,
+/// else `fit`.
 fn compiled_slots(gpu: &str, cc: (i32, i32), fit: usize) -> Result<usize> {
-    let compiled = match cc {
-        (9, 0) => RING_SLOTS_SM90,
-        (12, 0) => RING_SLOTS_SM120,
-        _ => return Ok(fit),
+    let Some(&(_, _, compiled)) = COMPILED_RING_SLOTS.iter().find(|(c, _, _)| *c == cc) else {
+        return Ok(fit);
     };
     if fit < compiled {
         bail!(
@@ -724,13 +730,14 @@ mod tests {
 
     #[test]
     fn the_compiled_slot_counts_fit_beside_the_kernels_static_shared_memory() {
-        // (arch, shared memory a block may opt into, slots compiled in).
-        let archs = [
-            ("90a", 232_448, RING_SLOTS_SM90),
-            ("120a", 101_376, RING_SLOTS_SM120),
-        ];
         let mut checked = 0;
-        for (arch, opt_in, compiled) in archs {
+        for (cc, arch, compiled) in COMPILED_RING_SLOTS {
+            // The shared memory a block may opt into on that architecture.
+            let opt_in = match arch {
+                "90a" => 232_448,
+                "120a" => 101_376,
+                _ => panic!("no shared-memory limit known for sm_{arch}"),
+            };
             // An architecture this build leaves out (QWEN_MK_CUDA_ARCHS) has
             // no kernel to check.
             let Some(fixed) = static_shared_memory("decode_step", &format!("sm_{arch}")) else {
@@ -738,7 +745,7 @@ mod tests {
             };
             let fit = slots_that_fit(arch, opt_in, fixed).unwrap();
             assert_eq!(
-                compiled_slots(arch, if arch == "90a" { (9, 0) } else { (12, 0) }, fit).unwrap(),
+                compiled_slots(arch, cc, fit).unwrap(),
                 compiled,
                 "sm_{arch}: {fixed} bytes of static shared memory leave room for {fit} slots"
             );
