@@ -18,6 +18,15 @@ const START_TOKEN: u32 = 785;
 /// Steps per captured CUDA graph.
 const GRAPH_STEPS: usize = 16;
 
+/// Positions the KV cache must hold: the timed steps from the last position,
+/// replayed from graphs of GRAPH_STEPS steps (a whole graph even when
+/// `steps` is not a multiple: a run past the cache's end would stop early
+/// and report its idle steps as fast ones), or the longest timed prompt.
+fn context_needed(max_position: usize, steps: usize, longest_prompt: usize) -> usize {
+    let graph_steps = steps.div_ceil(GRAPH_STEPS) * GRAPH_STEPS;
+    (max_position + graph_steps + 1).max(longest_prompt + 1)
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 || args.positions.is_empty() {
         bail!("--steps, --repeats and --positions must be non-empty and positive");
@@ -32,7 +41,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .filter(|&n| n > 0)
         .collect();
     let longest_prompt = prefill_lengths.iter().copied().max().unwrap_or(0);
-    let context = (max_position + args.steps + 1).max(longest_prompt + 1);
+    let context = context_needed(max_position, args.steps, longest_prompt);
     if context > checkpoint.config.max_position_embeddings {
         bail!(
             "position {max_position} plus {} steps, or a prompt of {longest_prompt}, exceeds the model's context of {}",
@@ -311,4 +320,19 @@ fn median_per_step(
         host.push(h / steps as f64);
     }
     Ok((median(&mut gpu), median(&mut host)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_holds_every_step_the_graph_replay_runs() {
+        // 24 steps are replayed as two graphs of 16: 32 steps from 232.
+        assert_eq!(context_needed(232, 24, 0), 232 + 32 + 1);
+        assert_eq!(context_needed(0, 256, 0), 257);
+        assert_eq!(context_needed(16384, 1, 0), 16384 + 16 + 1);
+        // A longer prompt sets it.
+        assert_eq!(context_needed(0, 256, 8192), 8193);
+    }
 }
