@@ -109,11 +109,17 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
         // every lane); a missing one repeats u0's rows, its result unused.
         const unsigned char* rows[AT_ONCE * ROWS];
         const long long t0 = clock64();
+        int uses[AT_ONCE];
 #pragma unroll
         for (int j = 0; j < AT_ONCE; ++j) {
             const int u = u0 + j * CONSUMER_WARPS;
-            const unsigned char* row = j == 0 || u < n ? ring.wait_full(ring.slot_of<P>(layer, u)) +
-                                                             (u % L::PER_SLOT) * L::ROW_BYTES
+            uses[j] = ring.slot_of<P>(layer, j == 0 || u < n ? u : u0);
+        }
+        ring.wait_all(uses);
+#pragma unroll
+        for (int j = 0; j < AT_ONCE; ++j) {
+            const int u = u0 + j * CONSUMER_WARPS;
+            const unsigned char* row = j == 0 || u < n ? ring.slot_data(uses[j]) + (u % L::PER_SLOT) * L::ROW_BYTES
                                                        : rows[0];
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) rows[j * ROWS + r] = row + r * L::PAIRED_OFFSET;

@@ -110,6 +110,22 @@ __device__ __forceinline__ void mbarrier_wait(const unsigned long long* bar, uns
         : "memory");
 }
 
+// Whether the phase of parity `parity` of the mbarrier `bar` has completed
+// (without waiting; acquire, as mbarrier_wait).
+__device__ __forceinline__ bool mbarrier_test(const unsigned long long* bar, unsigned int parity) {
+    unsigned int done;
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
 // The ring's slot count where every GPU of the architecture gives a block
 // the same shared memory (src/kernel_dims.rs): a use's slot and lap are then
 // a mask and a shift, or a multiply, not divisions by a run-time count,
@@ -198,13 +214,38 @@ struct StreamRing {
     // Index of the slot holding tile `tile` of the attention chunk in `layer`.
     __device__ int kv_slot_of(int layer, int tile) const { return layer * slots_per_layer + first_kv_slot + tile; }
 
+    // Waits until every use in `indices` has landed. Usually they all have
+    // (the stream runs ahead of the phases): one look at all of them then,
+    // its shared-memory reads and barrier tests issued together, instead of
+    // one wait after another.
+    template <int N>
+    __device__ void wait_all(const int (&indices)[N]) const {
+        int armed_for[N];
+#pragma unroll
+        for (int j = 0; j < N; ++j) armed_for[j] = armed[slot(indices[j])];
+        bool landed = true;
+#pragma unroll
+        for (int j = 0; j < N; ++j) landed = landed && armed_for[j] == indices[j];
+        if (landed) {
+            // Armed for these uses, so each `full` now counts them.
+#pragma unroll
+            for (int j = 0; j < N; ++j) landed = mbarrier_test(full + slot(indices[j]), lap(indices[j]) & 1u) && landed;
+            if (landed) return;
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) wait_full(indices[j]);
+    }
+
+    // Where use `index`'s slot lies (once it has landed).
+    __device__ const unsigned char* slot_data(int index) const { return storage + (size_t)slot(index) * RING_SLOT_BYTES; }
+
     // Waits until use `index` of the ring has landed; returns the slot.
     __device__ const unsigned char* wait_full(int index) const {
         const int s = slot(index);
         while (armed[s] != index) {
         }
         mbarrier_wait(full + s, lap(index) & 1u);
-        return storage + (size_t)s * RING_SLOT_BYTES;
+        return slot_data(index);
     }
 
     // One warp is done reading `units` 2 KB units of use `index` (lane 0
