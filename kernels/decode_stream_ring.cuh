@@ -272,13 +272,15 @@ struct StreamRing {
     // Streams the block's rows of all layers and its attention chunk's
     // cached keys and values, keeping at most p.ring_in_flight slots copying
     // at once. A chunk longer than the ring cannot be in place before
-    // attention starts, and attention then waits for the stream itself: its
-    // tiles go with p.ring_kv_in_flight copies in flight. `cycles`, when not
-    // null, receives the ProducerClock counts (total, slot, copy).
+    // attention starts, and attention then waits for the stream itself; one
+    // longer than one and a half rings goes with p.ring_kv_in_flight copies
+    // in flight (src/kernel_dims.rs says why). `cycles`, when not null,
+    // receives the ProducerClock counts (total, slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
                             unsigned long long* cycles) const {
         const int in_flight = (int)p.ring_in_flight;
-        const int kv_in_flight = n_kv_tiles > n_slots ? (int)p.ring_kv_in_flight : in_flight;
+        const int kv_in_flight =
+            n_kv_tiles > (int)(slot_count() + slot_count() / 2) ? (int)p.ring_kv_in_flight : in_flight;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();

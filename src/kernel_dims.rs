@@ -78,11 +78,12 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// 0.875, one 24 KB copy 0.804 (RESULTS.md).
 pub const RING_IN_FLIGHT: usize = 1;
 /// Copies in flight while the producer streams an attention chunk longer
-/// than the ring (tiles of 24 positions), which attention waits for. On the
-/// H100 at position 16,384 (43 tiles a block): one 1.487 ms per token, two
-/// 1.376, four 1.400, eight 1.421. A chunk that fits the ring goes with
-/// RING_IN_FLIGHT: at 4,096 (11 tiles) one measured 0.818, two 0.832
-/// (RESULTS.md).
+/// than one and a half rings (tiles of 24 positions), which attention waits
+/// for. On the H100 at position 16,384 (43 tiles a block): one 1.487 ms per
+/// token, two 1.376, four 1.400, eight 1.421; at 4,096 (11 tiles) one
+/// 0.818, two 0.832. On the H200 (16 slots), two against one: 17 tiles
+/// (6,144) +2.4%, 22 +1.5%, 27 even, 33 -1.2%, 38 -2.6%, 43 -3.5%. Shorter
+/// chunks go with RING_IN_FLIGHT (RESULTS.md).
 pub const RING_KV_IN_FLIGHT: usize = 2;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Polling flat out loads the L2 that the other
