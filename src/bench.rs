@@ -44,8 +44,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let context = context_needed(max_position, args.steps, longest_prompt);
     if context > checkpoint.config.max_position_embeddings {
         bail!(
-            "position {max_position} plus {} steps, or a prompt of {longest_prompt}, exceeds the model's context of {}",
+            "position {max_position} plus {} steps (replayed in CUDA graphs of {GRAPH_STEPS}, so {} positions), or a prompt of {longest_prompt}, exceeds the model's context of {} tokens; ask for an earlier position or fewer steps",
             args.steps,
+            context - 1,
             checkpoint.config.max_position_embeddings
         );
     }

@@ -228,6 +228,27 @@ fn prompt_past_the_context() {
 }
 
 #[test]
+fn bench_past_the_context() {
+    // One step from 40,950 fits the 40,960 positions, but bench also replays
+    // it in a CUDA graph of 16 steps, which does not: refused before the GPU.
+    let dir = tiny_checkpoint(3, true);
+    let model = dir.path().to_str().unwrap();
+    let out = qwen_mk(&[
+        "bench",
+        "--model",
+        model,
+        "--positions",
+        "40950",
+        "--steps",
+        "1",
+    ]);
+    assert_one_line_error(
+        &out,
+        "position 40950 plus 1 steps (replayed in CUDA graphs of 16, so 40966 positions), or a prompt of 8192, exceeds the model's context of 40960 tokens",
+    );
+}
+
+#[test]
 fn gpu_kernels_refuse_other_shapes_before_touching_the_gpu() {
     let dir = tiny_checkpoint(3, true);
     let out = generate(dir.path(), &["--prompt", "hi", "--device", "cuda"]);
