@@ -105,22 +105,21 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
     const int n = end - begin;
     const int warp = threadIdx.x / WARP;
     for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
-        // The warp's units u0 + j CONSUMER_WARPS that exist (the same test in
-        // every lane); a missing one repeats u0's rows, its result unused.
-        const unsigned char* rows[AT_ONCE * ROWS];
-        const long long t0 = clock64();
-        int uses[AT_ONCE];
+        // The warp's units u0 + j CONSUMER_WARPS; one that does not exist (the
+        // same test in every lane) repeats u0's rows, its result unused.
+        int units[AT_ONCE], uses[AT_ONCE];
 #pragma unroll
         for (int j = 0; j < AT_ONCE; ++j) {
             const int u = u0 + j * CONSUMER_WARPS;
-            uses[j] = ring.slot_of<P>(layer, j == 0 || u < n ? u : u0);
+            units[j] = j == 0 || u < n ? u : u0;
+            uses[j] = ring.slot_of<P>(layer, units[j]);
         }
+        const long long t0 = clock64();
         ring.wait_all(uses);
+        const unsigned char* rows[AT_ONCE * ROWS];
 #pragma unroll
         for (int j = 0; j < AT_ONCE; ++j) {
-            const int u = u0 + j * CONSUMER_WARPS;
-            const unsigned char* row = j == 0 || u < n ? ring.slot_data(uses[j]) + (u % L::PER_SLOT) * L::ROW_BYTES
-                                                       : rows[0];
+            const unsigned char* row = ring.slot_data(uses[j]) + (units[j] % L::PER_SLOT) * L::ROW_BYTES;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) rows[j * ROWS + r] = row + r * L::PAIRED_OFFSET;
         }

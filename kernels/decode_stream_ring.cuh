@@ -355,7 +355,7 @@ struct StreamRing {
     __device__ unsigned char* acquire(int index, int in_flight, unsigned int bytes, ProducerClock& clock) const {
         const int s = slot(index);
         const long long t0 = clock64();
-        if (index >= n_slots) mbarrier_wait(empty + s, (lap(index) - 1) & 1u);
+        if (index >= (int)slot_count()) mbarrier_wait(empty + s, (lap(index) - 1) & 1u);
         const long long t1 = clock64();
         if (index >= in_flight) {
             const int older = index - in_flight;
