@@ -104,6 +104,24 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Eight sums over the warp at once: lane l gets the total of v[l / 4] (9
+// shuffles, against 40 for eight warp_sums). Each round halves the values a
+// lane keeps and adds the half its partner kept.
+__device__ __forceinline__ float warp_sum8_transposed(const float (&v)[8]) {
+    const int lane = threadIdx.x % WARP;
+    const bool upper4 = lane & 16, upper2 = lane & 8, upper1 = lane & 4;
+    float four[4], two[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        four[i] = (upper4 ? v[4 + i] : v[i]) + __shfl_xor_sync(0xffffffffu, upper4 ? v[i] : v[4 + i], 16);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+        two[i] = (upper2 ? four[2 + i] : four[i]) + __shfl_xor_sync(0xffffffffu, upper2 ? four[i] : four[2 + i], 8);
+    float one = (upper1 ? two[1] : two[0]) + __shfl_xor_sync(0xffffffffu, upper1 ? two[0] : two[1], 4);
+    one += __shfl_xor_sync(0xffffffffu, one, 2);
+    return one + __shfl_xor_sync(0xffffffffu, one, 1);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int offset = WARP / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));

@@ -142,6 +142,83 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
     }
 }
 
+// The O and down projections (K = Q_DIM, INTERMEDIATE) have few rows a
+// block (HIDDEN / blocks: 7-8 on 132 SMs), and long ones. Taken a row a
+// warp, each of 8 warps read the whole input vector for its one row: the
+// phase was bound by shared memory's bandwidth (benches/projection_probe.cu).
+// Split by K instead, each warp takes a slice of the input (256 elements, or
+// 512 where 256 would need more slices than there are warps) for every row
+// of the block, eight rows at a time, and the slices' sums meet in shared
+// memory.
+template <int P>
+struct SplitK {
+    static constexpr int K = Streamed<P>::K;
+    static constexpr int STEPS = K / (8 * WARP) <= CONSUMER_WARPS ? 1 : 2;  // 256 elements each
+    static constexpr int SLICES = K / (8 * WARP * STEPS);
+    static constexpr int ROWS_AT_ONCE = 8;  // warp_sum8_transposed's
+    // Slots a group of ROWS_AT_ONCE rows may lie in.
+    static constexpr int GROUP_SLOTS = (ROWS_AT_ONCE - 1) / SlotLayout<P>::PER_SLOT + 2;
+    static_assert(K % (8 * WARP * STEPS) == 0 && SLICES <= CONSUMER_WARPS && !SlotLayout<P>::PAIRED, "");
+};
+constexpr int SPLIT_K_MAX_SLICES = 8;
+static_assert(SplitK<O_PROJ>::SLICES <= SPLIT_K_MAX_SLICES && SplitK<DOWN_PROJ>::SLICES <= SPLIT_K_MAX_SLICES, "");
+typedef float SplitKPartials[SPLIT_K_MAX_SLICES][RESIDUAL_MAX_ROWS];
+
+// Projection P split by K (SplitK); `store(unit, y)` runs on one consumer
+// thread per unit, after the block's sums are complete.
+template <int P, typename Store>
+__device__ __forceinline__ void project_split_k(const StreamRing& ring, int layer, const float* vec,
+                                                SplitKPartials& partial, long long& ring_wait, Store store) {
+    using L = SlotLayout<P>;
+    using KS = SplitK<P>;
+    int begin, end;
+    StreamRing::block_units<P>(begin, end);
+    const int n = end - begin;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (warp < KS::SLICES) {
+        // This lane's 8 elements of each step of the slice, as rows_dot reads them.
+        const int first = (lane >> 2 & 1) * 4;
+        int at[KS::STEPS];
+        float4 lo[KS::STEPS], hi[KS::STEPS];
+#pragma unroll
+        for (int s = 0; s < KS::STEPS; ++s) {
+            at[s] = ((warp * KS::STEPS + s) * WARP + lane) * 8;
+            lo[s] = *reinterpret_cast<const float4*>(vec + at[s] + first);
+            hi[s] = *reinterpret_cast<const float4*>(vec + at[s] + 4 - first);
+        }
+        for (int g = 0; g < n; g += KS::ROWS_AT_ONCE) {
+            const int last = min(g + KS::ROWS_AT_ONCE, n) - 1;
+            const int first_use = ring.slot_of<P>(layer, g), last_use = ring.slot_of<P>(layer, last);
+            int uses[KS::GROUP_SLOTS];
+#pragma unroll
+            for (int j = 0; j < KS::GROUP_SLOTS; ++j) uses[j] = min(first_use + j, last_use);
+            const long long t0 = clock64();
+            ring.wait_all(uses);
+            ring_wait += clock64() - t0;
+            float y[KS::ROWS_AT_ONCE];
+#pragma unroll
+            for (int r = 0; r < KS::ROWS_AT_ONCE; ++r) {
+                const int u = min(g + r, last);  // past the last row: the last again, unused
+                const unsigned char* row = ring.slot_data(ring.slot_of<P>(layer, u)) + (u % L::PER_SLOT) * L::ROW_BYTES;
+                y[r] = 0.f;
+#pragma unroll
+                for (int s = 0; s < KS::STEPS; ++s)
+                    y[r] = dot8(*reinterpret_cast<const uint4*>(row + at[s] * (int)sizeof(bf16)), lo[s], hi[s], y[r]);
+            }
+            const float sum = warp_sum8_transposed(y);
+            if (lane % 4 == 0 && g + lane / 4 <= last) partial[warp][g + lane / 4] = sum;
+        }
+    }
+    consumer_sync();  // every slice summed, every row read
+    for (int u = threadIdx.x; u < n; u += CONSUMERS) {
+        float y[1] = {0.f};
+#pragma unroll
+        for (int w = 0; w < KS::SLICES; ++w) y[0] += partial[w][u];
+        ring.release(ring.slot_of<P>(layer, u), L::UNIT_UNITS);
+        store(begin + u, y);
+    }
+}
+
 // The whole of a handed-on vector into shared memory (ProjectionLayout).
 template <int N>
 __device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float* dst) {
@@ -171,6 +248,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ int ring_armed[RING_MAX_SLOTS];
     __shared__ AttentionTask block_task;
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
+    __shared__ SplitKPartials split_partials;
     __shared__ unsigned int first_tag;
     extern __shared__ __align__(128) unsigned char ring_storage[];
 
@@ -245,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         consumer_sync();
         gather_to_shared<Q_DIM>(attn, sm.vec);
         stamp_phase(p, layer, 2, INPUTS_READY);
-        project<O_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
+        project_split_k<O_PROJ>(ring, layer, sm.vec, split_partials, ring_wait, [&](int row, const float (&y)[1]) {
             add_to_residual(row, first ? bf16_to_f32(embedding[row]) : residual[row - own_begin], y[0], x_mid);
         });
         stamp_phase(p, layer, 2, PHASE_DONE);
@@ -263,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         consumer_sync();
         gather_to_shared<INTERMEDIATE>(mlp, sm.vec);
         stamp_phase(p, layer, 4, INPUTS_READY);
-        project<DOWN_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) {
+        project_split_k<DOWN_PROJ>(ring, layer, sm.vec, split_partials, ring_wait, [&](int row, const float (&y)[1]) {
             const float x = add_to_residual(row, residual[row - own_begin], y[0], x_out);
             if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
         });
