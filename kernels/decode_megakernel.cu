@@ -43,7 +43,13 @@ constexpr int RESIDUAL_MAX_ROWS = QMK_DECODE_RESIDUAL_MAX_ROWS;
 static_assert(HIDDEN / RESIDUAL_MAX_ROWS >= NUM_KV_HEADS, "");
 
 union SharedStorage {
-    float vec[INTERMEDIATE];  // the input vector of a projection phase
+    struct {
+        float vec[HIDDEN];  // the normalised input of the QKV and gate/up projections
+        // The inputs of the O and down projections, each split-K warp's
+        // slice (ProjectionLayout within it). Beside vec, not over it: E's
+        // warps fill theirs while D's slower warps may still read vec.
+        float slices[INTERMEDIATE];
+    } proj;
     AttentionShared attn;
 };
 
@@ -164,11 +170,16 @@ constexpr int SPLIT_K_MAX_SLICES = 8;
 static_assert(SplitK<O_PROJ>::SLICES <= SPLIT_K_MAX_SLICES && SplitK<DOWN_PROJ>::SLICES <= SPLIT_K_MAX_SLICES, "");
 typedef float SplitKPartials[SPLIT_K_MAX_SLICES][RESIDUAL_MAX_ROWS];
 
-// Projection P split by K (SplitK); `store(unit, y)` runs on one consumer
-// thread per unit, after the block's sums are complete.
-template <int P, typename Store>
-__device__ __forceinline__ void project_split_k(const StreamRing& ring, int layer, const float* vec,
-                                                SplitKPartials& partial, long long& ring_wait, Store store) {
+// Projection P split by K (SplitK). Each warp reads its own slice of the
+// handed-on input (coalesced, into its part of `slices`) and starts once
+// that slice has arrived: no block-wide gather of the whole vector, no
+// barrier before the phase. `inputs_ready()` runs once warp 0's slice is in
+// (bench --profile); `store(unit, y)` runs on one consumer thread per unit,
+// after the block's sums are complete.
+template <int P, typename InputsReady, typename Store>
+__device__ __forceinline__ void project_split_k(const StreamRing& ring, int layer, const TaggedVector& input,
+                                                float* slices, SplitKPartials& partial, long long& ring_wait,
+                                                InputsReady inputs_ready, Store store) {
     using L = SlotLayout<P>;
     using KS = SplitK<P>;
     int begin, end;
@@ -176,15 +187,27 @@ __device__ __forceinline__ void project_split_k(const StreamRing& ring, int laye
     const int n = end - begin;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (warp < KS::SLICES) {
+        constexpr int SLICE = KS::STEPS * 8 * WARP;  // elements
+        const int base = warp * SLICE;
+        float* slice = slices + base;
+        unsigned long long words[SLICE / WARP];
+#pragma unroll
+        for (int k = 0; k < SLICE / WARP; ++k) words[k] = input.load(base + k * WARP + lane);
+        await_all(input, words, [&](int k) { return base + k * WARP + lane; });
+        inputs_ready();
+#pragma unroll
+        for (int k = 0; k < SLICE / WARP; ++k) slice[ProjectionLayout::at(k * WARP + lane)] = input.value(words[k]);
+        __syncwarp();
         // This lane's 8 elements of each step of the slice, as rows_dot reads them.
         const int first = (lane >> 2 & 1) * 4;
         int at[KS::STEPS];
         float4 lo[KS::STEPS], hi[KS::STEPS];
 #pragma unroll
         for (int s = 0; s < KS::STEPS; ++s) {
-            at[s] = ((warp * KS::STEPS + s) * WARP + lane) * 8;
-            lo[s] = *reinterpret_cast<const float4*>(vec + at[s] + first);
-            hi[s] = *reinterpret_cast<const float4*>(vec + at[s] + 4 - first);
+            const int in_slice = (s * WARP + lane) * 8;
+            at[s] = base + in_slice;
+            lo[s] = *reinterpret_cast<const float4*>(slice + in_slice + first);
+            hi[s] = *reinterpret_cast<const float4*>(slice + in_slice + 4 - first);
         }
         for (int g = 0; g < n; g += KS::ROWS_AT_ONCE) {
             const int last = min(g + KS::ROWS_AT_ONCE, n) - 1;
@@ -217,25 +240,6 @@ __device__ __forceinline__ void project_split_k(const StreamRing& ring, int laye
         ring.release(ring.slot_of<P>(layer, u), L::UNIT_UNITS);
         store(begin + u, y);
     }
-}
-
-// The whole of a handed-on vector into shared memory (ProjectionLayout).
-template <int N>
-__device__ __forceinline__ void gather_to_shared(const TaggedVector& src, float* dst) {
-    constexpr int PER_THREAD = (N + CONSUMERS - 1) / CONSUMERS;
-    unsigned long long words[PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * CONSUMERS;
-        if (i < N) words[k] = src.load(i);
-    }
-    await_all(src, words, [](int k) { const int i = threadIdx.x + k * CONSUMERS; return i < N ? i : -1; });
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-        const int i = threadIdx.x + k * CONSUMERS;
-        if (i < N) dst[ProjectionLayout::at(i)] = src.value(words[k]);
-    }
-    consumer_sync();
 }
 
 // ---- the kernel ------------------------------------------------------------------
@@ -299,52 +303,54 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         // A: RMSNorm + QKV projection.
         if (first) {
             rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
-                Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec, scratch);
+                Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.proj.vec, scratch);
             if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
             consumer_sync();
         } else {
             rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
-                handoffs.at(layer - 1, X_AFTER_MLP), layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.vec,
+                handoffs.at(layer - 1, X_AFTER_MLP), layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.proj.vec,
                 scratch);
         }
         stamp_phase(p, layer, 0, INPUTS_READY);
         const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
         const TaggedVector x_mid = handoffs.at(layer, X_AFTER_ATTN), mlp = handoffs.at(layer, MLP_OUT);
         const TaggedVector x_out = handoffs.at(layer, X_AFTER_MLP);
-        project<QKV_PROJ>(ring, layer, sm.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
+        project<QKV_PROJ>(ring, layer, sm.proj.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
         stamp_phase(p, layer, 0, PHASE_DONE);
 
         // B: attention (the producer streams the next phases' rows meanwhile).
-        consumer_sync();  // the attention scratch shares shared memory with sm.vec
+        consumer_sync();  // the attention scratch shares shared memory with sm.proj.vec
         attention_phase(p, ring, qkv, attn, block_task, layer, pos, sm.attn);
         stamp_phase(p, layer, 1, PHASE_DONE);
 
-        // C: O projection + residual.
-        consumer_sync();
-        gather_to_shared<Q_DIM>(attn, sm.vec);
-        stamp_phase(p, layer, 2, INPUTS_READY);
-        project_split_k<O_PROJ>(ring, layer, sm.vec, split_partials, ring_wait, [&](int row, const float (&y)[1]) {
-            add_to_residual(row, first ? bf16_to_f32(embedding[row]) : residual[row - own_begin], y[0], x_mid);
-        });
+        // C: O projection + residual. Its warps' slices overwrite the
+        // attention scratch, which every warp is done with (attention_phase
+        // ends in a consumer barrier).
+        project_split_k<O_PROJ>(
+            ring, layer, attn, sm.proj.slices, split_partials, ring_wait,
+            [&] { stamp_phase(p, layer, 2, INPUTS_READY); },
+            [&](int row, const float (&y)[1]) {
+                add_to_residual(row, first ? bf16_to_f32(embedding[row]) : residual[row - own_begin], y[0], x_mid);
+            });
         stamp_phase(p, layer, 2, PHASE_DONE);
 
         // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
-        // before it writes sm.vec).
+        // before it writes sm.proj.vec).
         rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
-            x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.vec, scratch);
+            x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.proj.vec, scratch);
         stamp_phase(p, layer, 3, INPUTS_READY);
-        project<GATE_UP_PROJ>(ring, layer, sm.vec, ring_wait,
+        project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, ring_wait,
                               [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
         stamp_phase(p, layer, 3, PHASE_DONE);
 
         // E: down projection + residual.
-        consumer_sync();
-        gather_to_shared<INTERMEDIATE>(mlp, sm.vec);
-        stamp_phase(p, layer, 4, INPUTS_READY);
-        project_split_k<DOWN_PROJ>(ring, layer, sm.vec, split_partials, ring_wait, [&](int row, const float (&y)[1]) {
-            const float x = add_to_residual(row, residual[row - own_begin], y[0], x_out);
-            if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
-        });
+        project_split_k<DOWN_PROJ>(
+            ring, layer, mlp, sm.proj.slices, split_partials, ring_wait,
+            [&] { stamp_phase(p, layer, 4, INPUTS_READY); },
+            [&](int row, const float (&y)[1]) {
+                const float x = add_to_residual(row, residual[row - own_begin], y[0], x_out);
+                if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
+            });
         stamp_phase(p, layer, 4, PHASE_DONE);
     }
     if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
