@@ -16,7 +16,9 @@
 // results in shared memory, as reference/experiments/
 // 2026-11-28-decode-projections-on-tensor-cores.patch does in the kernel.
 //
-// Standalone (no qwen-mk code): on the device machine,
+// Standalone: it repeats the kernel's dot8 and rows_dot (kernels/common.cuh,
+// kernels/decode_megakernel.cu) so that it builds with one nvcc line on the
+// device machine, which has no cargo and none of build.rs's -D constants:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/projection_probe benches/projection_probe.cu
 //   /tmp/projection_probe
 // prints, per shape and method, the median cycles of a phase over the
