@@ -150,12 +150,13 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
 
 // The O and down projections (K = Q_DIM, INTERMEDIATE) have few rows a
 // block (HIDDEN / blocks: 7-8 on 132 SMs), and long ones. Taken a row a
-// warp, each of 8 warps read the whole input vector for its one row: the
-// phase was bound by shared memory's bandwidth (benches/projection_probe.cu).
+// warp, each of 8 warps needed the whole input vector for its one row.
 // Split by K instead, each warp takes a slice of the input (256 elements, or
 // 512 where 256 would need more slices than there are warps) for every row
 // of the block, eight rows at a time, and the slices' sums meet in shared
-// memory.
+// memory. So a warp needs only its slice of the handed-on vector, and can
+// start when that has arrived, whatever the other slices' writers are doing
+// (H200: -3.4% per token at 0-255 with project_split_k below, RESULTS.md).
 template <int P>
 struct SplitK {
     static constexpr int K = Streamed<P>::K;
