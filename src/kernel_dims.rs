@@ -56,7 +56,7 @@ pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 /// The decode kernel's stream ring (kernels/decode_stream_ring.cuh): slots
 /// of 12 KB (six 2 KB rows of K = HIDDEN, or the keys and values of 24
 /// cached positions), as many as the GPU's shared memory per block holds
-/// beside the kernel's static 16 KB, up to 16 (192 KB on Hopper; 6 on an
+/// beside the kernel's static 21 KB, up to 16 (192 KB on Hopper; 6 on an
 /// RTX 5090, whose blocks get 99 KB).
 pub const RING_SLOT_BYTES: usize = 12 * 1024;
 pub const RING_MAX_SLOTS: usize = 16;
