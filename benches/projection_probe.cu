@@ -16,14 +16,14 @@
 // results in shared memory, as reference/experiments/
 // 2026-11-28-decode-projections-on-tensor-cores.patch does in the kernel.
 //
-// Standalone: it repeats the kernel's dot8 and rows_dot (kernels/common.cuh,
-// kernels/decode_megakernel.cu) so that it builds with one nvcc line on the
-// device machine, which has no cargo and none of build.rs's -D constants:
+// It takes the kernel's own dot8 and warp_sum8_transposed from
+// kernels/common.cuh (with Qwen3-0.6B's dimensions defined below, as build.rs
+// passes them) and repeats rows_dot, which lives in the kernel's own file,
+// so that it builds with one nvcc line on the device machine (no cargo):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/projection_probe benches/projection_probe.cu
 //   /tmp/projection_probe
 // prints, per shape and method, the median cycles of a phase over the
 // blocks and repeats, and the largest error against a double-precision sum.
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,8 +41,19 @@
         }                                                                             \
     } while (0)
 
-typedef __nv_bfloat16 bf16;
-constexpr int WARP = 32;
+// Qwen3-0.6B's dimensions, which kernels/common.cuh reads (src/kernel_dims.rs).
+#define QMK_HIDDEN 1024
+#define QMK_NUM_LAYERS 28
+#define QMK_NUM_Q_HEADS 16
+#define QMK_NUM_KV_HEADS 8
+#define QMK_HEAD_DIM 128
+#define QMK_INTERMEDIATE 3072
+#include "../kernels/common.cuh"
+
+using qmk::bf16;
+using qmk::dot8;
+using qmk::WARP;
+using qmk::warp_sum8_transposed;
 constexpr int THREADS = 384;                // as the decode kernel: 11 working warps and one more
 constexpr int WORKERS = THREADS - WARP;     // the consumer warps' threads
 constexpr int WORK_WARPS = WORKERS / WARP;  // 11
@@ -50,21 +61,6 @@ constexpr int REPEATS = 64;
 constexpr int ROWS_BYTES = 48 * 2048 + 48 * 16 + 1024;
 
 __device__ __forceinline__ void worker_sync() { asm volatile("bar.sync 1, %0;" ::"n"(WORKERS) : "memory"); }
-__device__ __forceinline__ float bf16_lo(unsigned int pair) { return __uint_as_float(pair << 16); }
-__device__ __forceinline__ float bf16_hi(unsigned int pair) { return __uint_as_float(pair & 0xffff0000u); }
-
-__device__ __forceinline__ float dot8(uint4 w, float4 a, float4 b, float acc) {
-    acc = fmaf(bf16_lo(w.x), a.x, acc);
-    acc = fmaf(bf16_hi(w.x), a.y, acc);
-    acc = fmaf(bf16_lo(w.y), a.z, acc);
-    acc = fmaf(bf16_hi(w.y), a.w, acc);
-    acc = fmaf(bf16_lo(w.z), b.x, acc);
-    acc = fmaf(bf16_hi(w.z), b.y, acc);
-    acc = fmaf(bf16_lo(w.w), b.z, acc);
-    acc = fmaf(bf16_hi(w.w), b.w, acc);
-    return acc;
-}
-
 // ---- CUDA cores: the decode kernel's rows_dot and project() ----------------
 
 // The input vector's layout: lanes 4-7 of every 8 swap the halves of their 8 floats.
@@ -119,24 +115,8 @@ __device__ void project_cuda_cores(const unsigned char* rows, int stride, int n,
 // The same rows split by K instead: each warp takes a slice of K (256
 // elements, or 512 where 256 would need more slices than there are warps)
 // for every row, its slice of the input vector read once, and the warps'
-// sums meet in shared memory (reference/experiments/
-// 2026-11-28-decode-split-k-o-down.patch). Eight rows at a time, summed over
-// the warp by a transpose: lane l gets the total of v[l / 4].
-__device__ __forceinline__ float warp_sum8_transposed(const float (&v)[8]) {
-    const int lane = threadIdx.x % WARP;
-    float four[4], two[2];
-    const bool upper4 = lane & 16, upper2 = lane & 8, upper1 = lane & 4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-        four[i] = (upper4 ? v[4 + i] : v[i]) + __shfl_xor_sync(0xffffffffu, upper4 ? v[i] : v[4 + i], 16);
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-        two[i] = (upper2 ? four[2 + i] : four[i]) + __shfl_xor_sync(0xffffffffu, upper2 ? four[i] : four[2 + i], 8);
-    float one = (upper1 ? two[1] : two[0]) + __shfl_xor_sync(0xffffffffu, upper1 ? two[0] : two[1], 4);
-    one += __shfl_xor_sync(0xffffffffu, one, 2);
-    return one + __shfl_xor_sync(0xffffffffu, one, 1);
-}
-
+// sums meet in shared memory, eight rows at a time, as the kernel's
+// project_split_k does (there each warp's slice comes from the handoff).
 template <int K>
 __device__ void project_split_k(const unsigned char* rows, int stride, int n, const float* vec, float* partials,
                                 float* out) {
