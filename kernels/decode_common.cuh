@@ -169,11 +169,11 @@ struct Handoffs {
 constexpr int PHASE_STAMPS = 1 + 2 * 5 * NUM_LAYERS;
 enum Stamp { INPUTS_READY = 0, PHASE_DONE = 1 };
 
-// Every consumer thread calls it. A phase is done when its last warp is:
-// the profiled kernel waits for them all before stamping PHASE_DONE.
+// Every consumer thread calls it; PHASE_DONE right after the consumer
+// barrier that ends every phase, so that a phase is done when its last warp
+// is.
 __device__ __forceinline__ void stamp_phase(const DecodeParams& p, int layer, int phase, Stamp what) {
     if (p.phase_times == nullptr) return;
-    if (what == PHASE_DONE) ConsumerSync{}();
     if (threadIdx.x == 0) {
         unsigned long long now;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));

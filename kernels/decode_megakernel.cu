@@ -27,7 +27,11 @@
 // waits for inputs; the consumers run the phases above and read their rows
 // from the ring. Consumers synchronise among themselves
 // with a named barrier, never with __syncthreads, which would wait for the
-// producer. This file holds the projections (A, C, D, E) and the kernel;
+// producer. Every phase ends in that barrier, after the block's results are
+// stored: without it, the warps done first went on to poll for the next
+// phase's inputs while the block's own results, which every other block
+// waits for, were still being stored (the barriers made a step 4.6% faster
+// at 0-255 on the H200, 3-6% elsewhere; RESULTS.md). This file holds the projections (A, C, D, E) and the kernel;
 // attention (B) is decode_attention.cuh.
 #include "common.cuh"
 #include "decode_attention.cuh"
@@ -317,10 +321,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         const TaggedVector x_mid = handoffs.at(layer, X_AFTER_ATTN), mlp = handoffs.at(layer, MLP_OUT);
         const TaggedVector x_out = handoffs.at(layer, X_AFTER_MLP);
         project<QKV_PROJ>(ring, layer, sm.proj.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
+        consumer_sync();  // also: the attention scratch shares shared memory with sm.proj.vec
         stamp_phase(p, layer, 0, PHASE_DONE);
 
-        // B: attention (the producer streams the next phases' rows meanwhile).
-        consumer_sync();  // the attention scratch shares shared memory with sm.proj.vec
+        // B: attention (the producer streams the next phases' rows
+        // meanwhile). It ends in a consumer barrier where it has work.
         attention_phase(p, ring, qkv, attn, block_task, layer, pos, sm.attn);
         stamp_phase(p, layer, 1, PHASE_DONE);
 
@@ -333,6 +338,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
             [&](int row, const float (&y)[1]) {
                 add_to_residual(row, first ? bf16_to_f32(embedding[row]) : residual[row - own_begin], y[0], x_mid);
             });
+        consumer_sync();
         stamp_phase(p, layer, 2, PHASE_DONE);
 
         // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
@@ -342,6 +348,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         stamp_phase(p, layer, 3, INPUTS_READY);
         project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, ring_wait,
                               [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
+        consumer_sync();
         stamp_phase(p, layer, 3, PHASE_DONE);
 
         // E: down projection + residual.
@@ -352,6 +359,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
                 const float x = add_to_residual(row, residual[row - own_begin], y[0], x_out);
                 if (last) p.x[row] = x;  // the LM head's input (the launch's end orders it)
             });
+        consumer_sync();
         stamp_phase(p, layer, 4, PHASE_DONE);
     }
     if (p.phase_times != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
