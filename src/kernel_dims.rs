@@ -86,10 +86,14 @@ pub const RING_IN_FLIGHT: usize = 1;
 /// chunks go with RING_IN_FLIGHT (RESULTS.md).
 pub const RING_KV_IN_FLIGHT: usize = 2;
 /// Nanoseconds a decode block sleeps before it reads again values another
-/// block has not written yet. Polling flat out loads the L2 that the other
-/// blocks' handoffs and weights cross; on the H200, against no sleep: 64 ns
-/// +1.7% per token, 128 +0.6%, 256 -2.4%, 512 +6%, 1024 +27% (RESULTS.md).
-pub const DECODE_POLL_BACKOFF_NS: usize = 256;
+/// block has not written yet. Before every phase ended in a consumer
+/// barrier, a block's warps polled while its own results were still being
+/// stored, and 256 ns was best on the H200 (against none: 64 +1.7% per
+/// token, 128 +0.6%, 256 -2.4%, 512 +6%). Since, less is better: against
+/// 256 at positions 0-255, 128 -1.6 to -2.1%, 96 and 64 -2.1 to -2.8%, 512
+/// +15%, and 0 (the sleep instruction kept, with no time) -2.8%, and -3.3 /
+/// -3.0 / -0.6% at 1,024 / 4,096 / 16,384, the steadiest (RESULTS.md).
+pub const DECODE_POLL_BACKOFF_NS: usize = 0;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
 /// chunks of this many, which bounds prefill's activation memory (about
