@@ -43,7 +43,7 @@ pub mod layer_layout {
 
 /// Threads per block of the decode megakernel (12 warps: a producer and 11
 /// consumers). 384 threads leave each 168 registers, against 128 at 512,
-/// where ptxas spilled (65 spill instructions, 22 here); on the H100 it
+/// where ptxas spilled (65 spill instructions, 20 here); on the H100 it
 /// measured -1.0% per token at 0-255 and -4.6% at 16,384, 4,096 unchanged
 /// (RESULTS.md, session 8).
 pub const DECODE_THREADS: usize = 384;
