@@ -90,9 +90,10 @@ pub const RING_KV_IN_FLIGHT: usize = 2;
 /// barrier, a block's warps polled while its own results were still being
 /// stored, and 256 ns was best on the H200 (against none: 64 +1.7% per
 /// token, 128 +0.6%, 256 -2.4%, 512 +6%). Since, less is better: against
-/// 256 at positions 0-255, 128 -1.6 to -2.1%, 96 and 64 -2.1 to -2.8%, 512
-/// +15%, and 0 (the sleep instruction kept, with no time) -2.8%, and -3.3 /
-/// -3.0 / -0.6% at 1,024 / 4,096 / 16,384, the steadiest (RESULTS.md).
+/// 256 at positions 0-255, round by round, 128 -1.6 to -2.6%, 96 and 64
+/// -2.0 to -3.2%, 512 +15%, and 0 (the sleep instruction kept, with no
+/// time) -2.8 to -3.3%, and -3.3 / -3.0 / -0.6% at 1,024 / 4,096 / 16,384,
+/// the steadiest (RESULTS.md).
 pub const DECODE_POLL_BACKOFF_NS: usize = 0;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
