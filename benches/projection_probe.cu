@@ -16,10 +16,10 @@
 // results in shared memory, as reference/experiments/
 // 2026-11-28-decode-projections-on-tensor-cores.patch does in the kernel.
 //
-// It takes the kernel's own dot8 and warp_sum8_transposed from
-// kernels/common.cuh (with Qwen3-0.6B's dimensions defined below, as build.rs
-// passes them) and repeats rows_dot, which lives in the kernel's own file,
-// so that it builds with one nvcc line on the device machine (no cargo):
+// It takes the kernel's own rows_dot, ProjectionLayout, dot8 and
+// warp_sum8_transposed from kernels/common.cuh (with Qwen3-0.6B's dimensions
+// defined below, as build.rs passes them), and builds with one nvcc line on
+// the device machine (no cargo):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/projection_probe benches/projection_probe.cu
 //   /tmp/projection_probe
 // prints, per shape and method, the median cycles of a phase over the
@@ -52,6 +52,8 @@
 
 using qmk::bf16;
 using qmk::dot8;
+using qmk::ProjectionLayout;
+using qmk::rows_dot;
 using qmk::WARP;
 using qmk::warp_sum8_transposed;
 constexpr int THREADS = 384;                // as the decode kernel: 11 working warps and one more
@@ -61,30 +63,8 @@ constexpr int REPEATS = 64;
 constexpr int ROWS_BYTES = 48 * 2048 + 48 * 16 + 1024;
 
 __device__ __forceinline__ void worker_sync() { asm volatile("bar.sync 1, %0;" ::"n"(WORKERS) : "memory"); }
-// ---- CUDA cores: the decode kernel's rows_dot and project() ----------------
 
-// The input vector's layout: lanes 4-7 of every 8 swap the halves of their 8 floats.
-__device__ __forceinline__ int swizzled(int i) { return i ^ (((i >> 5) & 1) << 2); }
-
-template <int K, int R>
-__device__ __forceinline__ void rows_dot(const unsigned char* const (&rows)[R], const float* vec, float (&y)[R]) {
-    const int lane = threadIdx.x % WARP;
-    const int first = (lane >> 2 & 1) * 4;
-#pragma unroll
-    for (int r = 0; r < R; ++r) y[r] = 0.f;
-#pragma unroll
-    for (int s = 0; s < K / (8 * WARP); ++s) {
-        const int at = (s * WARP + lane) * 8;
-        const float4 lo = *reinterpret_cast<const float4*>(vec + at + first);
-        const float4 hi = *reinterpret_cast<const float4*>(vec + at + 4 - first);
-#pragma unroll
-        for (int r = 0; r < R; ++r) y[r] = dot8(*reinterpret_cast<const uint4*>(rows[r] + at * 2), lo, hi, y[r]);
-    }
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-#pragma unroll
-        for (int r = 0; r < R; ++r) y[r] += __shfl_xor_sync(0xffffffffu, y[r], offset);
-}
+// ---- CUDA cores: the decode kernel's rows_dot, as its project() takes it ----
 
 // `n` units of `rows_per_unit` rows (a gate/up unit is a row pair), AT_ONCE
 // units a warp at a time; unit u's row r at rows + (u * rows_per_unit + r) * stride.
@@ -241,7 +221,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     probe(int shape, int method, int stride, const bf16* weights, const float* x, long long* cycles, float* result) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* rows = smem;
-    float* vec = reinterpret_cast<float*>(smem + ROWS_BYTES);          // 3072 floats, swizzled
+    float* vec = reinterpret_cast<float*>(smem + ROWS_BYTES);          // 3072 floats, ProjectionLayout
     uint4* split = reinterpret_cast<uint4*>(vec + 3072);                // 3072 x 2 bf16
     float* partials = reinterpret_cast<float*>(split + 3072 * 2 / 8);   // up to 11 x 16 x 4
     float* out = partials + 16 * 64;
@@ -251,7 +231,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         reinterpret_cast<bf16*>(rows + row * stride)[col] = weights[i];
     }
     for (int i = threadIdx.x; i < s.k; i += THREADS) {
-        vec[swizzled(i)] = x[i];
+        vec[ProjectionLayout::at(i)] = x[i];
         bf16* halves = reinterpret_cast<bf16*>(split);
         const bf16 high = __float2bfloat16_rn(x[i]);
         halves[(i >> 3) * 16 + (i & 7)] = high;

@@ -57,40 +57,6 @@ union SharedStorage {
     AttentionShared attn;
 };
 
-// How a projection's input vector lies in shared memory. A lane reads 8
-// floats (32 bytes) of it per step as two 16-byte loads; in order, lanes 32
-// bytes apart would put two lanes of every quarter-warp on the same banks.
-// Swapping the two halves of the 8 for lanes 4-7 of every 8 (bit 5 of the
-// element index) makes each load cover all 32 banks once.
-struct ProjectionLayout {
-    static __device__ __forceinline__ int at(int i) { return i ^ (((i >> 5) & 1) << 2); }
-};
-
-// Dot products of R bf16 rows of K (in shared memory) with `vec` (K floats
-// in shared memory, ProjectionLayout), summed over the warp: every lane gets
-// them. The rows' FMA chains and shuffles are independent and interleave,
-// and `vec` is read once for all of them.
-template <int K, int R>
-__device__ __forceinline__ void rows_dot(const unsigned char* const (&rows)[R], const float* vec, float (&y)[R]) {
-    const int lane = threadIdx.x % WARP;
-    const int first = (lane >> 2 & 1) * 4;  // where this lane's first four of the 8 lie
-#pragma unroll
-    for (int r = 0; r < R; ++r) y[r] = 0.f;
-#pragma unroll
-    for (int s = 0; s < K / (8 * WARP); ++s) {
-        const int at = (s * WARP + lane) * 8;
-        const float4 lo = *reinterpret_cast<const float4*>(vec + at + first);
-        const float4 hi = *reinterpret_cast<const float4*>(vec + at + 4 - first);
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            y[r] = dot8(*reinterpret_cast<const uint4*>(rows[r] + at * (int)sizeof(bf16)), lo, hi, y[r]);
-    }
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-#pragma unroll
-        for (int r = 0; r < R; ++r) y[r] += __shfl_xor_sync(0xffffffffu, y[r], offset);
-}
-
 // Units of projection P a warp takes at once. A warp's rows of K = HIDDEN
 // are short dependent chains (load, 32 FMAs, 5 shuffles): taken one after
 // another, a warp waits on each in turn; taken together they overlap. Rows
