@@ -31,8 +31,10 @@
 // stored: without it, the warps done first went on to poll for the next
 // phase's inputs while the block's own results, which every other block
 // waits for, were still being stored (the barriers made a step 4.7% faster
-// at 0-255 on the H200, 3.1-5.5% elsewhere; RESULTS.md). This file holds the projections (A, C, D, E) and the kernel;
-// attention (B) is decode_attention.cuh.
+// at 0-255 on the H200, 3.1-5.5% elsewhere; RESULTS.md).
+//
+// This file holds the projections (A, C, D, E) and the kernel; attention
+// (B) is decode_attention.cuh.
 #include "common.cuh"
 #include "decode_attention.cuh"
 #include "decode_common.cuh"
