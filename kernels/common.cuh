@@ -168,6 +168,22 @@ struct BlockSync {
     __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
 
+// Sum over the first THREADS threads of the block; `scratch` holds one float
+// per warp. Every one of them gets the result.
+template <int THREADS, typename Sync = BlockSync>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    constexpr int WARPS = THREADS / WARP;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    Sync{}();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    Sync{}();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += scratch[w];
+    return total;
+}
+
 // Rows [begin, end) of `total` that part `part` of `parts` owns: balanced
 // contiguous ranges. In 32 bits (total * parts < 2^32, which the host
 // checks): a 64-bit division is a called routine of some hundred
@@ -223,21 +239,15 @@ struct InOrder {
     static __device__ __forceinline__ int at(int i) { return i; }
 };
 
-// The first half of an RMSNorm of N floats: out[Layout::at(i)] = x[i] w[i]
-// in shared memory, and the scale rsqrt(mean(x^2) + eps), returned to every
-// thread. A projection of `out` multiplies its results by the scale (it is
-// one number), so the block waits at one barrier before it starts, not at a
-// block reduction's two and a third after the scaling (H200: -0.1 to -0.3%
-// per decode step, RESULTS.md). Every load is issued before the first use:
-// one round trip to memory, not one for x and another for the weight.
-// `scratch` holds a float per warp; the caller orders this after every
-// earlier read of it (the decode kernel's phases end in a barrier).
+// RMSNorm of N floats into shared memory: out[i] = x[i] * rsqrt(mean(x^2) + eps) * w[i].
+// Every load is issued before the first use: one round trip to memory, not
+// one for x and another for the weight. Element i goes to out[Layout::at(i)].
 template <int THREADS, int N, typename Sync = BlockSync, typename Layout = InOrder, typename Source>
-__device__ __forceinline__ float rms_weighted_to_shared(const Source& x, const bf16* weight, float eps, float* out,
-                                                        float* scratch) {
+__device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* weight, float eps, float* out,
+                                                   float* scratch) {
     constexpr int PER_THREAD = (N + THREADS - 1) / THREADS;
     decltype(x.load(0)) raw[PER_THREAD];
-    float w[PER_THREAD];
+    float v[PER_THREAD], w[PER_THREAD];
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
@@ -251,28 +261,15 @@ __device__ __forceinline__ float rms_weighted_to_shared(const Source& x, const b
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        if (i < N) {
-            const float v = x.value(raw[k]);
-            out[Layout::at(i)] = v * w[k];
-            ss = fmaf(v, v, ss);
-        }
+        v[k] = i < N ? x.value(raw[k]) : 0.f;
+        ss = fmaf(v[k], v[k], ss);
     }
-    ss = warp_sum(ss);
-    if (threadIdx.x % WARP == 0) scratch[threadIdx.x / WARP] = ss;
-    Sync{}();
-    float total = 0.f;
+    const float inv_rms = rsqrtf(block_sum<THREADS, Sync>(ss, scratch) / N + eps);
 #pragma unroll
-    for (int j = 0; j < THREADS / WARP; ++j) total += scratch[j];
-    return rsqrtf(total / N + eps);
-}
-
-// RMSNorm of N floats into shared memory: out[Layout::at(i)] = x[i] w[i]
-// rsqrt(mean(x^2) + eps). Ends in a barrier; `scratch` as above.
-template <int THREADS, int N, typename Sync = BlockSync, typename Layout = InOrder, typename Source>
-__device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* weight, float eps, float* out,
-                                                   float* scratch) {
-    const float scale = rms_weighted_to_shared<THREADS, N, Sync, Layout>(x, weight, eps, out, scratch);
-    for (int i = threadIdx.x; i < N; i += THREADS) out[Layout::at(i)] *= scale;
+    for (int k = 0; k < PER_THREAD; ++k) {
+        const int i = threadIdx.x + k * THREADS;
+        if (i < N) out[Layout::at(i)] = v[k] * inv_rms * w[k];
+    }
     Sync{}();
 }
 

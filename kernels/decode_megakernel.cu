@@ -273,17 +273,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         // The residual stream of layer 0 is the token's embedding row.
         const bool first = layer == 0;
         const bool last = layer + 1 == NUM_LAYERS;
-        // A: RMSNorm + QKV projection. The norm leaves its scale to the
-        // projection's stores (rms_weighted_to_shared); it writes
-        // sm.proj.vec before its barrier, which the phase ends before it
-        // order after every earlier read.
-        float scale;
+        // A: RMSNorm + QKV projection.
         if (first) {
-            if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
-            scale = rms_weighted_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
                 Bf16Row{embedding}, layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.proj.vec, scratch);
+            if (threadIdx.x == 0) first_tag = (unsigned int)(arrivals_before / gridDim.x) * (HANDOFFS * NUM_LAYERS) + 1;
+            consumer_sync();
         } else {
-            scale = rms_weighted_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+            rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
                 handoffs.at(layer - 1, X_AFTER_MLP), layer_weights(p, layer, QMK_OFF_INPUT_NORM), p.eps, sm.proj.vec,
                 scratch);
         }
@@ -291,8 +288,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
         const TaggedVector x_mid = handoffs.at(layer, X_AFTER_ATTN), mlp = handoffs.at(layer, MLP_OUT);
         const TaggedVector x_out = handoffs.at(layer, X_AFTER_MLP);
-        project<QKV_PROJ>(ring, layer, sm.proj.vec, ring_wait,
-                          [&](int row, const float (&y)[1]) { qkv.store(row, y[0] * scale); });
+        project<QKV_PROJ>(ring, layer, sm.proj.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
         consumer_sync();  // also: the attention scratch shares shared memory with sm.proj.vec
         stamp_phase(p, layer, 0, PHASE_DONE);
 
@@ -313,14 +309,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         consumer_sync();
         stamp_phase(p, layer, 2, PHASE_DONE);
 
-        // D: RMSNorm + gate/up + SiLU, the norm's scale again at the stores.
-        scale = rms_weighted_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
+        // D: RMSNorm + gate/up + SiLU (its first consumer barrier comes
+        // before it writes sm.proj.vec).
+        rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
             x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.proj.vec, scratch);
         stamp_phase(p, layer, 3, INPUTS_READY);
-        project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, ring_wait, [&](int j, const float (&gu)[2]) {
-            const float gate = gu[0] * scale, up = gu[1] * scale;
-            mlp.store(j, gate / (1.f + __expf(-gate)) * up);
-        });
+        project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, ring_wait,
+                              [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
         consumer_sync();
         stamp_phase(p, layer, 3, PHASE_DONE);
 
