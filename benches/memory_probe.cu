@@ -6,15 +6,26 @@
 //  2. What bandwidth those bulk copies reach, per depth D.
 //  3. What one grid barrier costs (release add + acquire spin), alone, and
 //     with relaxed polling or a back-off between polls.
+//  4. What one handoff costs as the decode kernel makes them (TaggedVector,
+//     kernels/decode_common.cuh): every block stores its rows of a
+//     1,024-element vector as tagged 64-bit words, then reads all 1,024 and
+//     reads again the ones whose tag is not yet the round's; alone, and while
+//     each SM streams D bulk copies as in part 1. A layer of the decode
+//     kernel makes five such handoffs in a row.
+//  5. The same within a thread-block cluster, through distributed shared
+//     memory: every block of a cluster of C stores its share of a
+//     512-element vector into every block's shared memory, then either
+//     polls its own copy for the round's tags or passes a cluster barrier.
 //
 // Standalone (no qwen-mk code): on the device machine,
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/memory_probe benches/memory_probe.cu
-//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: part 3 only)
+//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-5 only)
 // One block per SM. In part 1 each block's thread 32 streams its own 6 MB
 // region of a 1 GB buffer through D shared-memory slots (a slot is refilled
 // as soon as its copy lands), while thread 0 chases pointers through a
 // 256 KB table that stays in L2 (ld.global.cg) for as long as the stream
 // runs.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -53,6 +64,36 @@ __device__ unsigned long long now_ns() {
     return t;
 }
 
+// One thread streams `copies` bulk copies of `slot_bytes` from `region`
+// through `depth` shared-memory slots, a slot refilled as soon as its copy
+// lands; or, with `stop`, until *stop is set. `full`: depth mbarriers,
+// initialised with a count of 1.
+__device__ void stream_region(const unsigned char* region, unsigned char* slots, unsigned long long* full, int depth,
+                              int slot_bytes, int copies, const volatile int* stop) {
+    auto issue = [&](int i) {
+        const int slot = i % depth;
+        const size_t offset = ((size_t)i * slot_bytes) % (REGION_BYTES - slot_bytes);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + slot)),
+                     "r"(slot_bytes)
+                     : "memory");
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                smem_u32(slots + (size_t)slot * slot_bytes)),
+            "l"(region + offset), "r"(slot_bytes), "r"(smem_u32(full + slot))
+            : "memory");
+    };
+    for (int i = 0; i < depth; ++i) issue(i);
+    for (int i = depth; stop ? true : i < copies + depth; ++i) {
+        const int done = i - depth;  // the copy to retire before reusing its slot
+        wait_parity(full + done % depth, (done / depth) & 1);
+        if (stop ? *stop != 0 : i >= copies) {
+            for (int j = done + 1; j < i; ++j) wait_parity(full + j % depth, (j / depth) & 1);  // drain
+            return;
+        }
+        issue(i);
+    }
+}
+
 struct ProbeResult {
     unsigned long long hops;
     unsigned long long ns;  // over all hops
@@ -73,24 +114,7 @@ __global__ void stream_and_chase(const unsigned char* weights, const unsigned in
     const unsigned char* region = weights + (size_t)blockIdx.x * REGION_BYTES;
 
     if (threadIdx.x == 32 && depth > 0) {
-        auto issue = [&](int i) {
-            const int slot = i % depth;
-            const size_t offset = ((size_t)i * slot_bytes) % (REGION_BYTES - slot_bytes);
-            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(full + slot)),
-                         "r"(slot_bytes)
-                         : "memory");
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                    smem_u32(slots + (size_t)slot * slot_bytes)),
-                "l"(region + offset), "r"(slot_bytes), "r"(smem_u32(full + slot))
-                : "memory");
-        };
-        for (int i = 0; i < depth; ++i) issue(i);
-        for (int i = depth; i < copies + depth; ++i) {
-            const int done = i - depth;  // the copy to retire before reusing its slot
-            wait_parity(full + done % depth, (done / depth) & 1);
-            if (i < copies) issue(i);
-        }
+        stream_region(region, slots, full, depth, slot_bytes, copies, nullptr);
         stream_done = 1;
     }
     if (threadIdx.x == 0) {
@@ -141,8 +165,138 @@ __global__ void barriers(unsigned long long* count, int rounds, int relaxed, int
     }
 }
 
+// Part 4: `rounds` handoffs of an n-element vector (n <= HANDOFF_N), as the
+// decode kernel's (one block per SM, HANDOFF_CONSUMERS threads polling, the
+// words of two alternating buffers tagged tag0 + round). Each writer stores
+// its values into `copies` replicas of the vector and block b reads replica
+// b % copies, so that fewer SMs poll each L2 line. Thread HANDOFF_CONSUMERS
+// streams `depth` copies in flight meanwhile, when depth > 0.
+constexpr int HANDOFF_N = 1024;
+constexpr int HANDOFF_MAX_COPIES = 8;
+constexpr int HANDOFF_CONSUMERS = 352;  // the decode kernel's 11 consumer warps
+__global__ void handoffs(unsigned long long* words, int n, int copies, int rounds, unsigned int tag0,
+                         const unsigned char* weights, int depth, int slot_bytes, float* sink) {
+    extern __shared__ __align__(128) unsigned char slots[];
+    __shared__ unsigned long long full[MAX_SLOTS];
+    __shared__ volatile int stop;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        stop = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x >= HANDOFF_CONSUMERS) {
+        if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
+            stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, &stop);
+        return;
+    }
+    const int begin = n * blockIdx.x / gridDim.x, end = n * (blockIdx.x + 1) / gridDim.x;
+    constexpr int PER_THREAD = (HANDOFF_N + HANDOFF_CONSUMERS - 1) / HANDOFF_CONSUMERS;
+    float total = 0.f;
+    for (int r = 0; r < rounds; ++r) {
+        unsigned long long* buf = words + (r & 1) * HANDOFF_MAX_COPIES * HANDOFF_N;
+        const unsigned long long tag = tag0 + r;
+        const int row = begin + threadIdx.x;
+        if (row < end) {
+            const unsigned long long word = tag << 32 | __float_as_uint(total + row);
+            for (int c = 0; c < copies; ++c)
+                asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(buf + c * HANDOFF_N + row), "l"(word) : "memory");
+        }
+        const unsigned long long* mine = buf + blockIdx.x % copies * HANDOFF_N;
+        unsigned long long raw[PER_THREAD];
+#pragma unroll
+        for (int k = 0; k < PER_THREAD; ++k) {
+            const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
+            if (i < n) asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(raw[k]) : "l"(mine + i) : "memory");
+        }
+        for (;;) {
+            bool late = false;
+#pragma unroll
+            for (int k = 0; k < PER_THREAD; ++k) {
+                const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
+                if (i < n && raw[k] >> 32 != tag) {
+                    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(raw[k]) : "l"(mine + i) : "memory");
+                    late = true;
+                }
+            }
+            if (!late) break;
+        }
+#pragma unroll
+        for (int k = 0; k < PER_THREAD; ++k)
+            if (threadIdx.x + k * HANDOFF_CONSUMERS < n) total += __uint_as_float((unsigned int)raw[k]);
+        asm volatile("bar.sync 1, %0;" ::"n"(HANDOFF_CONSUMERS) : "memory");
+    }
+    if (threadIdx.x == 0) {
+        sink[blockIdx.x] = total;
+        stop = 1;
+    }
+}
+
+// Part 5: `rounds` handoffs of a CLUSTER_N-element vector among the blocks
+// of each cluster, through distributed shared memory. `tagged`: readers
+// poll their own copy for the round's tag (as part 4); else the blocks pass
+// a cluster barrier after their stores. Thread HANDOFF_CONSUMERS streams
+// `depth` copies in flight meanwhile, when depth > 0.
+constexpr int CLUSTER_N = 512;  // a KV head's QKV rows: two query heads, its key and its value
+__global__ void cluster_handoffs(int rounds, unsigned int tag0, int tagged, const unsigned char* weights, int depth,
+                                 int slot_bytes, float* sink) {
+    namespace cg = cooperative_groups;
+    extern __shared__ __align__(128) unsigned char slots[];
+    __shared__ unsigned long long full[MAX_SLOTS];
+    __shared__ volatile int stop;
+    __shared__ unsigned long long vec[2][CLUSTER_N];
+    cg::cluster_group cluster = cg::this_cluster();
+    for (int i = threadIdx.x; i < 2 * CLUSTER_N; i += blockDim.x) vec[i / CLUSTER_N][i % CLUSTER_N] = 0;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        stop = 0;
+    }
+    cluster.sync();  // every block's vectors zeroed before anyone stores into them
+    if (threadIdx.x >= HANDOFF_CONSUMERS) {
+        // The streaming thread (tagged runs only: it would miss the barriers)
+        // and the rest of the last warp, which take part in the barriers.
+        if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
+            stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, &stop);
+        if (!tagged)
+            for (int r = 0; r < rounds; ++r) cluster.sync();
+    } else {
+        const int blocks = (int)cluster.num_blocks(), rank = (int)cluster.block_rank();
+        const int begin = CLUSTER_N * rank / blocks, end = CLUSTER_N * (rank + 1) / blocks;
+        float total = 0.f;
+        for (int r = 0; r < rounds; ++r) {
+            const unsigned long long tag = tag0 + r;
+            // (rank, row) pairs of this block's stores, spread over the threads.
+            for (int j = threadIdx.x; j < blocks * (end - begin); j += HANDOFF_CONSUMERS) {
+                const int to = j / (end - begin), row = begin + j % (end - begin);
+                volatile unsigned long long* remote = cluster.map_shared_rank(&vec[r & 1][0], to);
+                remote[row] = tag << 32 | __float_as_uint(total + row);
+            }
+            if (tagged) {
+                for (int i = threadIdx.x; i < CLUSTER_N; i += HANDOFF_CONSUMERS) {
+                    unsigned long long word;
+                    do word = *(volatile unsigned long long*)&vec[r & 1][i];
+                    while (word >> 32 != tag);
+                    total += __uint_as_float((unsigned int)word);
+                }
+                asm volatile("bar.sync 1, %0;" ::"n"(HANDOFF_CONSUMERS) : "memory");
+            } else {
+                cluster.sync();
+                for (int i = threadIdx.x; i < CLUSTER_N; i += HANDOFF_CONSUMERS)
+                    total += __uint_as_float((unsigned int)vec[r & 1][i]);
+            }
+        }
+        if (threadIdx.x == 0) {
+            sink[blockIdx.x] = total;
+            stop = 1;
+        }
+    }
+    __syncwarp();    // the last warp's streaming thread rejoins its warp first
+    cluster.sync();  // no block leaves while another may still store into its shared memory
+}
+
 int main(int argc, char** argv) {
-    // `memory_probe barriers` runs part 3 only.
+    // `memory_probe barriers` runs parts 3-5 only.
     const bool stream_parts = !(argc > 1 && std::string(argv[1]) == "barriers");
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -228,6 +382,92 @@ int main(int argc, char** argv) {
             if (rep > 0) best = std::min(best, ms);
         }
         std::printf("%-24s %.3f us per barrier (512 threads per block, best of 2)\n", v.name, best * 1e3 / rounds);
+    }
+
+    std::printf("\n4. Tagged handoff, every block to every block: us per handoff (best of 2), by vector length,\n"
+                "   replicas of the vector (block b reads replica b %% replicas) and copies in flight per SM\n");
+    std::printf("%8s %9s %8s %8s %8s %8s\n", "elements", "replicas", "0 KB", "12 KB", "24 KB", "36 KB");
+    unsigned long long* words;
+    const size_t words_bytes = 2 * HANDOFF_MAX_COPIES * HANDOFF_N * sizeof(unsigned long long);
+    CHECK(cudaMalloc(&words, words_bytes));
+    CHECK(cudaMemset(words, 0, words_bytes));
+    float* handoff_sink;
+    CHECK(cudaMalloc(&handoff_sink, sms * sizeof(float)));
+    CHECK(cudaFuncSetAttribute(handoffs, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    unsigned int tag0 = 1;
+    struct Shape {
+        int n, copies;
+    };
+    for (const Shape shape : {Shape{1024, 1}, Shape{1024, 2}, Shape{1024, 4}, Shape{1024, 8}, Shape{256, 1}}) {
+        std::printf("%8d %9d", shape.n, shape.copies);
+        for (int depth : {0, 1, 2, 3}) {
+            int n = shape.n, copies = shape.copies, rounds = 2000, slot_bytes = 12 * 1024;
+            float best = 1e9f;
+            for (int rep = 0; rep < 3; ++rep) {
+                void* args[] = {&words, &n, &copies, &rounds, &tag0, &weights, &depth, &slot_bytes, &handoff_sink};
+                // 120 KB of shared memory at least: one block per SM, as the decode kernel.
+                const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
+                CHECK(cudaEventRecord(start));
+                CHECK(cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0));
+                CHECK(cudaEventRecord(stop));
+                CHECK(cudaEventSynchronize(stop));
+                CHECK(cudaGetLastError());
+                tag0 += rounds;
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, start, stop));
+                if (rep > 0) best = std::min(best, ms);
+            }
+            std::printf(" %8.3f", best * 1e3 / rounds);
+        }
+        std::printf("\n");
+    }
+
+    std::printf("\n5. Handoff of a %d-element vector within each cluster, through distributed shared memory:\n"
+                "   us per handoff (best of 2); every SM of the clusters that fit at once\n",
+                CLUSTER_N);
+    std::printf("%8s %9s %24s %26s %26s\n", "cluster", "clusters", "cluster barrier, 0 KB", "tagged polling, 0 KB",
+                "tagged polling, 12 KB");
+    CHECK(cudaFuncSetAttribute(cluster_handoffs, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CHECK(cudaFuncSetAttribute(cluster_handoffs, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    for (int cluster_size : {2, 4, 8, 16}) {
+        const size_t smem = 120 * 1024;  // one block per SM
+        cudaLaunchConfig_t config = {};
+        cudaLaunchAttribute attribute[1];
+        attribute[0].id = cudaLaunchAttributeClusterDimension;
+        attribute[0].val.clusterDim.x = cluster_size;
+        attribute[0].val.clusterDim.y = 1;
+        attribute[0].val.clusterDim.z = 1;
+        config.attrs = attribute;
+        config.numAttrs = 1;
+        config.blockDim = dim3(HANDOFF_CONSUMERS + 32);
+        config.dynamicSmemBytes = smem;
+        config.gridDim = dim3(cluster_size);
+        int clusters = 0;
+        if (cudaOccupancyMaxActiveClusters(&clusters, (void*)cluster_handoffs, &config) != cudaSuccess || clusters == 0) {
+            (void)cudaGetLastError();
+            std::printf("%8d: not launchable here\n", cluster_size);
+            continue;
+        }
+        config.gridDim = dim3(clusters * cluster_size);
+        std::printf("%8d %9d", cluster_size, clusters);
+        for (int variant = 0; variant < 3; ++variant) {
+            int rounds = 2000, tagged = variant > 0, depth = variant == 2 ? 1 : 0, slot_bytes = 12 * 1024;
+            float best = 1e9f;
+            for (int rep = 0; rep < 3; ++rep) {
+                CHECK(cudaEventRecord(start));
+                CHECK(cudaLaunchKernelEx(&config, cluster_handoffs, rounds, tag0, tagged, (const unsigned char*)weights,
+                                         depth, slot_bytes, handoff_sink));
+                CHECK(cudaEventRecord(stop));
+                CHECK(cudaEventSynchronize(stop));
+                CHECK(cudaGetLastError());
+                tag0 += rounds;
+                float ms = 0;
+                CHECK(cudaEventElapsedTime(&ms, start, stop));
+                if (rep > 0) best = std::min(best, ms);
+            }
+            std::printf(" %24.3f", best * 1e3 / rounds);
+        }
+        std::printf("\n");
     }
     return 0;
 }
