@@ -64,6 +64,12 @@ __device__ unsigned long long now_ns() {
     return t;
 }
 
+// The slots' `full` mbarriers (one thread calls, before a block barrier).
+__device__ void init_slot_barriers(unsigned long long* full) {
+    for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
 // One thread streams `copies` bulk copies of `slot_bytes` from `region`
 // through `depth` shared-memory slots, a slot refilled as soon as its copy
 // lands; or, with `stop`, until *stop is set. `full`: depth mbarriers,
@@ -106,8 +112,7 @@ __global__ void stream_and_chase(const unsigned char* weights, const unsigned in
     __shared__ unsigned long long full[MAX_SLOTS];
     __shared__ volatile int stream_done;
     if (threadIdx.x == 0) {
-        for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        init_slot_barriers(full);
         stream_done = depth == 0;
     }
     __syncthreads();
@@ -180,8 +185,7 @@ __global__ void handoffs(unsigned long long* words, int n, int copies, int round
     __shared__ unsigned long long full[MAX_SLOTS];
     __shared__ volatile int stop;
     if (threadIdx.x == 0) {
-        for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        init_slot_barriers(full);
         stop = 0;
     }
     __syncthreads();
@@ -248,8 +252,7 @@ __global__ void cluster_handoffs(int rounds, unsigned int tag0, int tagged, cons
     cg::cluster_group cluster = cg::this_cluster();
     for (int i = threadIdx.x; i < 2 * CLUSTER_N; i += blockDim.x) vec[i / CLUSTER_N][i % CLUSTER_N] = 0;
     if (threadIdx.x == 0) {
-        for (int i = 0; i < MAX_SLOTS; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(full + i)));
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        init_slot_barriers(full);
         stop = 0;
     }
     cluster.sync();  // every block's vectors zeroed before anyone stores into them
@@ -293,6 +296,29 @@ __global__ void cluster_handoffs(int rounds, unsigned int tag0, int tagged, cons
     }
     __syncwarp();    // the last warp's streaming thread rejoins its warp first
     cluster.sync();  // no block leaves while another may still store into its shared memory
+}
+
+// Times `launch` (a function returning the launch's cudaError_t) three
+// times with CUDA events; the best of the last two, in ms (the first warms
+// up). Negative after printing the error, if any call fails.
+template <typename Launch>
+float best_of_runs(cudaEvent_t start, cudaEvent_t stop, Launch launch) {
+    float best = 1e9f;
+    for (int rep = 0; rep < 3; ++rep) {
+        cudaError_t err = cudaEventRecord(start);
+        if (err == cudaSuccess) err = launch();
+        if (err == cudaSuccess) err = cudaEventRecord(stop);
+        if (err == cudaSuccess) err = cudaEventSynchronize(stop);
+        if (err == cudaSuccess) err = cudaGetLastError();
+        float ms = 0;
+        if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, stop);
+        if (err != cudaSuccess) {
+            std::fprintf(stderr, "%s\n", cudaGetErrorString(err));
+            return -1.f;
+        }
+        if (rep > 0) best = std::min(best, ms);
+    }
+    return best;
 }
 
 int main(int argc, char** argv) {
@@ -370,17 +396,10 @@ int main(int argc, char** argv) {
                                 {"relaxed, sleep 250 ns", 1, 250}};
     for (const Variant& v : variants) {
         int rounds = 1000, relaxed = v.relaxed, sleep_ns = v.sleep_ns;
-        float best = 1e9f;
-        for (int rep = 0; rep < 3; ++rep) {
-            void* args[] = {&count, &rounds, &relaxed, &sleep_ns};
-            CHECK(cudaEventRecord(start));
-            CHECK(cudaLaunchCooperativeKernel((void*)barriers, sms, 512, args, 0, 0));
-            CHECK(cudaEventRecord(stop));
-            CHECK(cudaEventSynchronize(stop));
-            float ms = 0;
-            CHECK(cudaEventElapsedTime(&ms, start, stop));
-            if (rep > 0) best = std::min(best, ms);
-        }
+        void* args[] = {&count, &rounds, &relaxed, &sleep_ns};
+        const float best = best_of_runs(
+            start, stop, [&] { return cudaLaunchCooperativeKernel((void*)barriers, sms, 512, args, 0, 0); });
+        if (best < 0) return 1;
         std::printf("%-24s %.3f us per barrier (512 threads per block, best of 2)\n", v.name, best * 1e3 / rounds);
     }
 
@@ -402,21 +421,16 @@ int main(int argc, char** argv) {
         std::printf("%8d %9d", shape.n, shape.copies);
         for (int depth : {0, 1, 2, 3}) {
             int n = shape.n, copies = shape.copies, rounds = 2000, slot_bytes = 12 * 1024;
-            float best = 1e9f;
-            for (int rep = 0; rep < 3; ++rep) {
-                void* args[] = {&words, &n, &copies, &rounds, &tag0, &weights, &depth, &slot_bytes, &handoff_sink};
-                // 120 KB of shared memory at least: one block per SM, as the decode kernel.
-                const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
-                CHECK(cudaEventRecord(start));
-                CHECK(cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0));
-                CHECK(cudaEventRecord(stop));
-                CHECK(cudaEventSynchronize(stop));
-                CHECK(cudaGetLastError());
-                tag0 += rounds;
-                float ms = 0;
-                CHECK(cudaEventElapsedTime(&ms, start, stop));
-                if (rep > 0) best = std::min(best, ms);
-            }
+            void* args[] = {&words, &n, &copies, &rounds, &tag0, &weights, &depth, &slot_bytes, &handoff_sink};
+            // 120 KB of shared memory at least: one block per SM, as the decode kernel.
+            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
+            const float best = best_of_runs(start, stop, [&] {
+                const cudaError_t err =
+                    cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
+                tag0 += rounds;  // the launch has its arguments: the next one's tags are new
+                return err;
+            });
+            if (best < 0) return 1;
             std::printf(" %8.3f", best * 1e3 / rounds);
         }
         std::printf("\n");
@@ -451,20 +465,15 @@ int main(int argc, char** argv) {
         config.gridDim = dim3(clusters * cluster_size);
         std::printf("%8d %9d", cluster_size, clusters);
         for (int variant = 0; variant < 3; ++variant) {
-            int rounds = 2000, tagged = variant > 0, depth = variant == 2 ? 1 : 0, slot_bytes = 12 * 1024;
-            float best = 1e9f;
-            for (int rep = 0; rep < 3; ++rep) {
-                CHECK(cudaEventRecord(start));
-                CHECK(cudaLaunchKernelEx(&config, cluster_handoffs, rounds, tag0, tagged, (const unsigned char*)weights,
-                                         depth, slot_bytes, handoff_sink));
-                CHECK(cudaEventRecord(stop));
-                CHECK(cudaEventSynchronize(stop));
-                CHECK(cudaGetLastError());
+            const int rounds = 2000, tagged = variant > 0, depth = variant == 2 ? 1 : 0, slot_bytes = 12 * 1024;
+            const float best = best_of_runs(start, stop, [&] {
+                const cudaError_t err = cudaLaunchKernelEx(&config, cluster_handoffs, rounds, tag0, tagged,
+                                                           (const unsigned char*)weights, depth, slot_bytes,
+                                                           handoff_sink);
                 tag0 += rounds;
-                float ms = 0;
-                CHECK(cudaEventElapsedTime(&ms, start, stop));
-                if (rep > 0) best = std::min(best, ms);
-            }
+                return err;
+            });
+            if (best < 0) return 1;
             std::printf(" %24.3f", best * 1e3 / rounds);
         }
         std::printf("\n");
