@@ -196,8 +196,8 @@ __device__ __forceinline__ void split_range(int total, int part, int parts, int&
 // Vectors read with every load issued before the first is used: `load(i)`
 // starts reading element i; a read is over when `ready(raw)`, and then
 // `value(raw)` is the element; `back_off()` runs before late elements are
-// read again. (The decode kernel's tagged vectors, which may not be written
-// yet, are a third kind.)
+// read again. Three kinds: f32 written earlier in the launch, read-only
+// bf16, and the decode kernel's tagged vectors, which may not be written yet.
 struct CoherentF32 {  // f32 written in this launch: read at L2
     const float* values;
     __device__ float load(int i) const { return load_coherent(values + i); }
@@ -211,6 +211,31 @@ struct Bf16Row {  // read-only bf16, such as an embedding row
     __device__ bool ready(float) const { return true; }
     __device__ float value(float raw) const { return raw; }
     __device__ void back_off() const {}
+};
+
+// A vector handed from block to block within a launch (the decode kernel's
+// handoffs, decode_common.cuh): 64-bit words, the f32 value in the low half
+// and in the high half the tag of the write. An aligned 64-bit store is
+// single-copy atomic, so a reader that sees the tag it expects sees that
+// write's value.
+struct TaggedVector {
+    unsigned long long* words;
+    unsigned int tag;
+
+    __device__ void store(int i, float value) const {
+        const unsigned long long word = ((unsigned long long)tag << 32) | __float_as_uint(value);
+        asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(words + i), "l"(word) : "memory");
+    }
+    // Starts reading element i; await_all finishes it.
+    __device__ unsigned long long load(int i) const {
+        unsigned long long word;
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(words + i) : "memory");
+        return word;
+    }
+    __device__ bool ready(unsigned long long word) const { return (unsigned int)(word >> 32) == tag; }
+    // Before reading late values again (src/kernel_dims.rs says why).
+    __device__ void back_off() const { __nanosleep(QMK_DECODE_POLL_BACKOFF_NS); }
+    __device__ float value(unsigned long long word) const { return __uint_as_float((unsigned int)word); }
 };
 
 // Finishes the reads of elements index(k), k < K (none where it is

@@ -114,37 +114,15 @@ __device__ __forceinline__ size_t kv_cache_head(const DecodeParams& p, int layer
 
 // ---- the vectors phases hand on ----------------------------------------------------
 
-// A phase's output for other blocks is a vector of 64-bit words: the f32
-// value in the low half, in the high half the tag of the write, unique to
-// (launch, layer, handoff) within a sequence. An aligned 64-bit store is
-// single-copy atomic, so a reader that sees the tag it expects sees that
-// write's value. Readers spin on the values themselves: no grid barrier, no
-// flag to read before the data. A block can only write a handoff once every
-// block has read the previous one it overwrites, because each phase needs
-// the whole output of the phase before it, which every block has a part in.
-// The host zeroes the vectors (tag 0 is never written) with the counters at
-// the start of a sequence.
+// A phase's output for other blocks is a TaggedVector (common.cuh): each
+// value carries the tag of its write, unique to (launch, layer, handoff)
+// within a sequence. Readers spin on the values themselves: no grid
+// barrier, no flag to read before the data. A block can only write a
+// handoff once every block has read the previous one it overwrites, because
+// each phase needs the whole output of the phase before it, which every
+// block has a part in. The host zeroes the vectors (tag 0 is never written)
+// with the counters at the start of a sequence.
 enum Handoff { QKV_OUT = 0, ATTN_OUT = 1, X_AFTER_ATTN = 2, MLP_OUT = 3, X_AFTER_MLP = 4, HANDOFFS = 5 };
-
-struct TaggedVector {
-    unsigned long long* words;
-    unsigned int tag;
-
-    __device__ void store(int i, float value) const {
-        const unsigned long long word = ((unsigned long long)tag << 32) | __float_as_uint(value);
-        asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(words + i), "l"(word) : "memory");
-    }
-    // Starts reading element i; await_all (common.cuh) finishes it.
-    __device__ unsigned long long load(int i) const {
-        unsigned long long word;
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(words + i) : "memory");
-        return word;
-    }
-    __device__ bool ready(unsigned long long word) const { return (unsigned int)(word >> 32) == tag; }
-    // Before reading late values again (src/kernel_dims.rs says why).
-    __device__ void back_off() const { __nanosleep(QMK_DECODE_POLL_BACKOFF_NS); }
-    __device__ float value(unsigned long long word) const { return __uint_as_float((unsigned int)word); }
-};
 
 // The handoffs of one launch: tags launch * 5 * NUM_LAYERS + 1 onwards.
 struct Handoffs {
