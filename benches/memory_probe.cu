@@ -6,8 +6,8 @@
 //  2. What bandwidth those bulk copies reach, per depth D.
 //  3. What one grid barrier costs (release add + acquire spin), alone, and
 //     with relaxed polling or a back-off between polls.
-//  4. What one handoff costs as the decode kernel makes them (TaggedVector,
-//     kernels/decode_common.cuh): every block stores its rows of a
+//  4. What one handoff costs as the decode kernel makes them (its own
+//     TaggedVector and await_all, kernels/common.cuh): every block stores its rows of a
 //     1,024-element vector as tagged 64-bit words, then reads all 1,024 and
 //     reads again the ones whose tag is not yet the round's; alone, and while
 //     each SM streams D bulk copies as in part 1. A layer of the decode
@@ -17,7 +17,8 @@
 //     512-element vector into every block's shared memory, then either
 //     polls its own copy for the round's tags or passes a cluster barrier.
 //
-// Standalone (no qwen-mk code): on the device machine,
+// Standalone but for kernels/common.cuh (with the constants build.rs passes,
+// benches/kernel_defines.h): on the device machine,
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/memory_probe benches/memory_probe.cu
 //   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-5 only)
 // One block per SM. In part 1 each block's thread 32 streams its own 6 MB
@@ -28,12 +29,16 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include "kernel_defines.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
+
+#include "../kernels/common.cuh"
 
 #define CHECK(call)                                                                   \
     do {                                                                              \
@@ -199,35 +204,23 @@ __global__ void handoffs(unsigned long long* words, int n, int copies, int round
     float total = 0.f;
     for (int r = 0; r < rounds; ++r) {
         unsigned long long* buf = words + (r & 1) * HANDOFF_MAX_COPIES * HANDOFF_N;
-        const unsigned long long tag = tag0 + r;
+        const unsigned int tag = tag0 + r;
         const int row = begin + threadIdx.x;
-        if (row < end) {
-            const unsigned long long word = tag << 32 | __float_as_uint(total + row);
-            for (int c = 0; c < copies; ++c)
-                asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(buf + c * HANDOFF_N + row), "l"(word) : "memory");
-        }
-        const unsigned long long* mine = buf + blockIdx.x % copies * HANDOFF_N;
+        if (row < end)
+            for (int c = 0; c < copies; ++c) qmk::TaggedVector{buf + c * HANDOFF_N, tag}.store(row, total + row);
+        const qmk::TaggedVector mine{buf + blockIdx.x % copies * HANDOFF_N, tag};
+        auto index = [&](int k) {
+            const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
+            return i < n ? i : -1;
+        };
         unsigned long long raw[PER_THREAD];
 #pragma unroll
-        for (int k = 0; k < PER_THREAD; ++k) {
-            const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
-            if (i < n) asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(raw[k]) : "l"(mine + i) : "memory");
-        }
-        for (;;) {
-            bool late = false;
-#pragma unroll
-            for (int k = 0; k < PER_THREAD; ++k) {
-                const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
-                if (i < n && raw[k] >> 32 != tag) {
-                    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(raw[k]) : "l"(mine + i) : "memory");
-                    late = true;
-                }
-            }
-            if (!late) break;
-        }
+        for (int k = 0; k < PER_THREAD; ++k)
+            if (index(k) >= 0) raw[k] = mine.load(index(k));
+        qmk::await_all(mine, raw, index);
 #pragma unroll
         for (int k = 0; k < PER_THREAD; ++k)
-            if (threadIdx.x + k * HANDOFF_CONSUMERS < n) total += __uint_as_float((unsigned int)raw[k]);
+            if (index(k) >= 0) total += mine.value(raw[k]);
         asm volatile("bar.sync 1, %0;" ::"n"(HANDOFF_CONSUMERS) : "memory");
     }
     if (threadIdx.x == 0) {

@@ -17,14 +17,16 @@
 // 2026-11-28-decode-projections-on-tensor-cores.patch does in the kernel.
 //
 // It takes the kernel's own rows_dot, ProjectionLayout, dot8 and
-// warp_sum8_transposed from kernels/common.cuh (with Qwen3-0.6B's dimensions
-// defined below, as build.rs passes them), and builds with one nvcc line on
+// warp_sum8_transposed from kernels/common.cuh (with the constants build.rs
+// passes, from kernel_defines.h), and builds with one nvcc line on
 // the device machine (no cargo):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/projection_probe benches/projection_probe.cu
 //   /tmp/projection_probe
 // prints, per shape and method, the median cycles of a phase over the
 // blocks and repeats, and the largest error against a double-precision sum.
 #include <cuda_runtime.h>
+
+#include "kernel_defines.h"
 
 #include <algorithm>
 #include <cmath>
@@ -41,13 +43,6 @@
         }                                                                             \
     } while (0)
 
-// Qwen3-0.6B's dimensions, which kernels/common.cuh reads (src/kernel_dims.rs).
-#define QMK_HIDDEN 1024
-#define QMK_NUM_LAYERS 28
-#define QMK_NUM_Q_HEADS 16
-#define QMK_NUM_KV_HEADS 8
-#define QMK_HEAD_DIM 128
-#define QMK_INTERMEDIATE 3072
 #include "../kernels/common.cuh"
 
 using qmk::bf16;

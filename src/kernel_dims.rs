@@ -181,6 +181,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_probes_defines_are_the_kernels() {
+        // benches/kernel_defines.h repeats some of KERNEL_DEFINES for the
+        // standalone probes: each must hold the value build.rs passes.
+        let header = include_str!("../benches/kernel_defines.h");
+        let mut seen = 0;
+        for line in header.lines() {
+            let Some(rest) = line.strip_prefix("#define ") else {
+                continue;
+            };
+            let (name, value) = rest.split_once(' ').expect("#define NAME VALUE");
+            let expected = KERNEL_DEFINES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("{name} is not a kernel define"))
+                .1;
+            assert_eq!(value.trim().parse::<usize>().ok(), Some(expected), "{name}");
+            seen += 1;
+        }
+        assert!(
+            seen >= 7,
+            "only {seen} defines found in benches/kernel_defines.h"
+        );
+    }
+
+    #[test]
     fn packed_layer_regions_are_aligned_and_disjoint() {
         // (start, length) of every region of one packed layer, in order.
         let regions = [
