@@ -3,13 +3,6 @@
 // torch.argmax). The block that finishes last reduces the per-block winners,
 // records the token and advances the device-side token loop, so the host
 // never has to synchronise between steps.
-//
-// The first `resident_rows` rows of the head stay in L2 from one step to the
-// next: the host sets part of L2 aside for them and marks them persisting
-// (src/gpu/l2_residency.rs), so the decode kernel's stream of layer weights
-// does not evict them. Every block takes an equal share of those rows and
-// of the rest, the rest first, so that the HBM stream, which bounds the
-// kernel, starts at once and the rows from L2 fill its tail.
 #include "common.cuh"
 
 namespace qmk {
@@ -31,7 +24,6 @@ struct LmHeadParams {
     unsigned int vocab;
     unsigned int context;
     float eps;
-    unsigned int resident_rows;    // the rows [0, resident_rows) persist in L2
 };
 
 __device__ bool is_eos(const DecodeState* state, unsigned int token) {
@@ -60,12 +52,22 @@ __device__ void advance_token_loop(const LmHeadParams& p, unsigned int token) {
     state->pos = next;
 }
 
-// The logits of rows [begin, end), warps taking R rows at a time in turn;
-// returns the largest argmax key of them and `best`.
-__device__ __forceinline__ unsigned long long scan_rows(const LmHeadParams& p, const float* normed, int begin,
-                                                       int end, int warp, int lane, unsigned long long best) {
+extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams p) {
+    __shared__ __align__(16) float normed[HIDDEN];
+    __shared__ float scratch[WARPS];
+    __shared__ unsigned long long warp_best[WARPS];
+    __shared__ bool is_last;
+
+    if (p.state->done) return;  // nobody writes `done` until every block has passed here
+
+    rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);
+
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     constexpr int SLICES = HIDDEN / (8 * WARP);
     constexpr int R = 2;  // rows per warp at a time: 8 loads of 16 bytes in flight per lane
+    int begin, end;
+    split_range((int)p.vocab, blockIdx.x, gridDim.x, begin, end);
+    unsigned long long best = 0;  // below every real key
     for (int row = begin + warp * R; row < end; row += WARPS * R) {
         uint4 w[R][SLICES];
 #pragma unroll
@@ -87,27 +89,6 @@ __device__ __forceinline__ unsigned long long scan_rows(const LmHeadParams& p, c
             }
         }
     }
-    return best;
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams p) {
-    __shared__ __align__(16) float normed[HIDDEN];
-    __shared__ float scratch[WARPS];
-    __shared__ unsigned long long warp_best[WARPS];
-    __shared__ bool is_last;
-
-    if (p.state->done) return;  // nobody writes `done` until every block has passed here
-
-    rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);
-
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int resident = (int)p.resident_rows;
-    int begin, end;
-    split_range((int)p.vocab - resident, blockIdx.x, gridDim.x, begin, end);
-    unsigned long long best = 0;  // below every real key
-    best = scan_rows(p, normed, resident + begin, resident + end, warp, lane, best);
-    split_range(resident, blockIdx.x, gridDim.x, begin, end);
-    best = scan_rows(p, normed, begin, end, warp, lane, best);
 
     // Block winner, then the last block to finish picks the grid's winner.
     best = warp_max_key(best);

@@ -23,7 +23,6 @@ use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
 
 use super::device::Device;
-use super::l2_residency::L2Residency;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
@@ -102,7 +101,6 @@ struct LmHeadParams {
     vocab: u32,
     context: u32,
     eps: f32,
-    resident_rows: u32,
 }
 unsafe impl DeviceRepr for LmHeadParams {}
 
@@ -183,8 +181,6 @@ pub struct GpuDecoder {
     host_tokens: PinnedHostSlice<u32>,
     decode_params: DecodeParams,
     lm_params: LmHeadParams,
-    /// The LM head's first rows, kept in L2 between steps.
-    pub l2: L2Residency,
 }
 
 fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -442,12 +438,6 @@ impl GpuDecoder {
             vocab: config.vocab_size as u32,
             context: context as u32,
             eps,
-            resident_rows: 0,
-        };
-        let l2 = L2Residency::set_aside(&ctx, lm_params.head, config.vocab_size, 2 * HIDDEN)?;
-        let lm_params = LmHeadParams {
-            resident_rows: l2.rows as u32,
-            ..lm_params
         };
         let prefill = match prefill::unavailable_reason() {
             Some(why) => Err(why),
@@ -475,7 +465,6 @@ impl GpuDecoder {
             host_tokens,
             decode_params,
             lm_params,
-            l2,
         };
         decoder.warm_up_prefill()?;
         Ok(decoder)
@@ -553,36 +542,14 @@ impl GpuDecoder {
         if want_logits {
             params.logits = ptr(&self.logits, &self.stream);
         }
-        // A launch with attributes (the L2 window), which cudarc's launch
-        // builder does not take. The parameters hold raw pointers only.
-        let mut attributes = self.l2.launch_attributes();
-        let config = sys::CUlaunchConfig {
-            gridDimX: self.lm_head_blocks,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: LM_HEAD_THREADS as u32,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: 0,
-            hStream: self.stream.cu_stream(),
-            attrs: attributes.as_mut_ptr(),
-            numAttrs: attributes.len() as u32,
+        let cfg = LaunchConfig {
+            grid_dim: (self.lm_head_blocks, 1, 1),
+            block_dim: (LM_HEAD_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
-        let mut args = [&mut params as *mut LmHeadParams as *mut std::ffi::c_void];
-        self.stream.context().bind_to_thread()?;
-        // SAFETY: the function takes one LmHeadParams by value, which `args`
-        // points at for the call; the stream and function belong to the
-        // bound context.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &config,
-                self.device.lm_head.cu_function(),
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .context("LM-head kernel launch failed")?;
+        let mut launch = self.stream.launch_builder(&self.device.lm_head);
+        launch.arg(&params);
+        unsafe { launch.launch(cfg) }.context("LM-head kernel launch failed")?;
         Ok(())
     }
 

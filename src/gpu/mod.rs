@@ -3,7 +3,6 @@
 
 pub mod decoder;
 pub mod device;
-pub mod l2_residency;
 pub mod weights;
 
 pub use decoder::GpuDecoder;
