@@ -3,6 +3,7 @@
 
 pub mod decoder;
 pub mod device;
+pub mod launch;
 pub mod weights;
 
 pub use decoder::GpuDecoder;
