@@ -38,19 +38,6 @@ struct DecodeState {
 };
 
 
-// ---- programmatic dependent launch -------------------------------------------
-// A step's two kernels are launched so that each may start before the one
-// before it in the stream has ended (src/gpu/launch.rs): its blocks are
-// placed as SMs free up instead of after the whole grid is done and a new
-// launch is processed. Each waits here before reading anything the kernel
-// before it wrote; launched the ordinary way, it passes straight through.
-__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
-// Lets the next kernel in the stream launch now: its blocks take SMs as
-// this kernel's leave, and wait (above) until it has ended.
-__device__ __forceinline__ void let_next_kernel_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-
-
 // ---- loads -----------------------------------------------------------------
 
 // Weights are read-only for the whole launch and streamed exactly once: the

@@ -58,8 +58,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams
     __shared__ unsigned long long warp_best[WARPS];
     __shared__ bool is_last;
 
-    wait_for_previous_kernel();  // the decode kernel wrote x
-    let_next_kernel_launch();
     if (p.state->done) return;  // nobody writes `done` until every block has passed here
 
     rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cudarc::driver::sys::{self, CUevent_flags};
 use cudarc::driver::{
-    CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
+    CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 
 mod measure;
@@ -22,7 +23,6 @@ use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
 
 use super::device::Device;
-use super::launch::{self, Launch};
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
@@ -181,9 +181,6 @@ pub struct GpuDecoder {
     host_tokens: PinnedHostSlice<u32>,
     decode_params: DecodeParams,
     lm_params: LmHeadParams,
-    /// Whether a step's kernels start before the one before them ends
-    /// (src/gpu/launch.rs).
-    early_launch: bool,
 }
 
 fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -468,7 +465,6 @@ impl GpuDecoder {
             host_tokens,
             decode_params,
             lm_params,
-            early_launch: launch::early_launch()?,
         };
         decoder.warm_up_prefill()?;
         Ok(decoder)
@@ -530,17 +526,15 @@ impl GpuDecoder {
     }
 
     fn launch_decode(&self, params: &DecodeParams) -> Result<()> {
-        let launch = Launch {
-            grid: self.decode_blocks,
-            block: DECODE_THREADS as u32,
-            shared_bytes: params.ring_slots * RING_SLOT_BYTES as u32,
-            cooperative: true,
-            early: self.early_launch,
+        let cfg = LaunchConfig {
+            grid_dim: (self.decode_blocks, 1, 1),
+            block_dim: (DECODE_THREADS as u32, 1, 1),
+            shared_mem_bytes: params.ring_slots * RING_SLOT_BYTES as u32,
         };
-        // SAFETY: decode_step takes one DecodeParams, whose pointers are this
-        // decoder's buffers.
-        unsafe { launch.enqueue(&self.stream, &self.device.decode_step, params) }
-            .context("decode kernel launch failed")
+        let mut launch = self.stream.launch_builder(&self.device.decode_step);
+        launch.arg(params);
+        unsafe { launch.launch_cooperative(cfg) }.context("decode kernel launch failed")?;
+        Ok(())
     }
 
     pub fn enqueue_lm_head(&self, want_logits: bool) -> Result<()> {
@@ -548,17 +542,15 @@ impl GpuDecoder {
         if want_logits {
             params.logits = ptr(&self.logits, &self.stream);
         }
-        let launch = Launch {
-            grid: self.lm_head_blocks,
-            block: LM_HEAD_THREADS as u32,
-            shared_bytes: 0,
-            cooperative: false,
-            early: self.early_launch,
+        let cfg = LaunchConfig {
+            grid_dim: (self.lm_head_blocks, 1, 1),
+            block_dim: (LM_HEAD_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
         };
-        // SAFETY: lm_head takes one LmHeadParams, whose pointers are this
-        // decoder's buffers.
-        unsafe { launch.enqueue(&self.stream, &self.device.lm_head, &params) }
-            .context("LM-head kernel launch failed")
+        let mut launch = self.stream.launch_builder(&self.device.lm_head);
+        launch.arg(&params);
+        unsafe { launch.launch(cfg) }.context("LM-head kernel launch failed")?;
+        Ok(())
     }
 
     /// `steps` decode steps (without logits) captured as one CUDA graph, so

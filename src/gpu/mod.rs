@@ -3,7 +3,6 @@
 
 pub mod decoder;
 pub mod device;
-pub mod launch;
 pub mod weights;
 
 pub use decoder::GpuDecoder;
