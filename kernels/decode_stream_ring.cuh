@@ -48,10 +48,6 @@ static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number 
 constexpr int KV_ROW_BYTES = HEAD_DIM * (int)sizeof(bf16);
 constexpr int KV_TILE = RING_SLOT_BYTES / 2 / KV_ROW_BYTES;
 constexpr int KV_VALUES_OFFSET = RING_SLOT_BYTES / 2;
-#ifndef QMK_KV_EARLY_KEYS
-#define QMK_KV_EARLY_KEYS 256
-#endif
-constexpr int KV_EARLY_KEYS = QMK_KV_EARLY_KEYS;  // experiment: keys of a chunk asked of L2 a layer ahead
 static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0 && KV_TILE <= WARP,
               "attention scores a tile four keys at a time, then softmaxes it a lane per key");
 
@@ -290,12 +286,10 @@ struct StreamRing {
         const long long start = clock64();
         ProducerClock clock;
         int index = 0;
-        prefetch_kv_chunk(p, task, pos, 0);
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
             produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
             produce_kv_tiles(p, task, pos, layer, index, kv_in_flight, clock);
-            if (layer + 1 < NUM_LAYERS) prefetch_kv_chunk(p, task, pos, layer + 1);
             produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
@@ -337,19 +331,6 @@ struct StreamRing {
     // The block's attention chunk of `layer`: its cached keys and values in
     // tiles of KV_TILE positions. They stay in L2 (no evict-first hint):
     // the next step reads them again.
-    // Asks L2 for the first KV_EARLY_KEYS cached keys and values of the
-    // task's chunk in `layer` a layer before attention reads them, so that
-    // the tiles' copies find them there (the cache is not written before
-    // this step's own position, which is not in the range).
-    __device__ void prefetch_kv_chunk(const DecodeParams& p, const AttentionTask& task, int pos, int layer) const {
-        if (!task.exists()) return;
-        const int keys = min(task.cached_end(pos) - task.begin, KV_EARLY_KEYS);
-        if (keys <= 0) return;
-        const size_t first = kv_cache_head(p, layer, task.kv_head) + (size_t)task.begin * HEAD_DIM;
-        prefetch_l2(p.k_cache + first, keys * KV_ROW_BYTES);
-        prefetch_l2(p.v_cache + first, keys * KV_ROW_BYTES);
-    }
-
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
                                      int in_flight, ProducerClock& clock) const {
         const size_t head = kv_cache_head(p, layer, task.kv_head);
