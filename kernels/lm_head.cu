@@ -1,9 +1,11 @@
 // The LM head of one decode step: final RMSNorm, the vocabulary GEMV, and
 // the argmax over every row of the vocabulary (ties go to the lowest id, as
 // torch.argmax). The block that finishes last reduces the per-block winners,
-// records the token and advances the device-side token loop, so the host
-// never has to synchronise between steps.
+// records the token and advances the device-side token loop (token_loop.cuh),
+// so the host never has to synchronise between steps. When sampling, it
+// writes the logits and leaves the token to the sampler (sample.cu).
 #include "common.cuh"
+#include "token_loop.cuh"
 
 namespace qmk {
 
@@ -24,33 +26,8 @@ struct LmHeadParams {
     unsigned int vocab;
     unsigned int context;
     float eps;
+    unsigned int advance;          // 0: leave the token to the sampler (sample.cu)
 };
-
-__device__ bool is_eos(const DecodeState* state, unsigned int token) {
-    for (unsigned int i = 0; i < state->n_eos && i < 4; ++i)
-        if (state->eos_ids[i] == token) return true;
-    return false;
-}
-
-// Runs once per step, on the last block: publishes the token and moves the
-// loop to the next position.
-__device__ void advance_token_loop(const LmHeadParams& p, unsigned int token) {
-    DecodeState* state = p.state;
-    const unsigned int pos = state->pos;
-    p.predicted[pos] = token;
-    if (p.host_tokens) {
-        volatile unsigned int* host = p.host_tokens;
-        host[pos] = token;
-        __threadfence_system();
-    }
-    const unsigned int next = pos + 1;
-    if (next >= state->n_fixed) {
-        p.tokens[next] = token;
-        if (state->stop_on_eos && is_eos(state, token)) state->done = 1;
-    }
-    if (next >= p.context) state->done = 1;  // the cache is full
-    state->pos = next;
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams p) {
     __shared__ __align__(16) float normed[HIDDEN];
@@ -114,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 0; w < WARPS; ++w) grid_best = warp_best[w] > grid_best ? warp_best[w] : grid_best;
-        advance_token_loop(p, argmax_key_id(grid_best));
+        if (p.advance) TokenLoop{p.state, p.tokens, p.predicted, p.host_tokens, p.context}.advance(argmax_key_id(grid_best));
         *p.blocks_done = 0;  // ready for the next launch
     }
 }

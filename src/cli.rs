@@ -78,6 +78,35 @@ pub struct GenerateArgs {
     /// of batched prefill (for comparison; prompts of 1-2 tokens always are).
     #[arg(long)]
     pub token_by_token: bool,
+    /// Sample the tokens with the checkpoint's generation_config.json
+    /// settings (temperature, top-k, top-p) instead of taking the most
+    /// likely one. Any of the three below implies it.
+    #[arg(long)]
+    pub sample: bool,
+    /// Sampling temperature (0: greedy).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sample among the k most likely tokens (1 to 64).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample among the fewest most likely tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampling draws (default: from the clock; --json reports it).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl GenerateArgs {
+    pub fn sampling_request(&self) -> crate::sampling::SamplingRequest {
+        crate::sampling::SamplingRequest {
+            sample: self.sample,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Args)]

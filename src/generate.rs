@@ -1,5 +1,6 @@
-//! `qwen-mk generate`: greedy generation on the GPU kernels or the CPU
-//! reference, streamed as text or reported as one JSON object.
+//! `qwen-mk generate`: greedy (or, with --sample, sampled) generation on the
+//! GPU kernels or the CPU reference, streamed as text or reported as one
+//! JSON object.
 
 use std::io::Write;
 use std::time::Instant;
@@ -15,6 +16,7 @@ use crate::cpu_reference::{argmax, CpuModel, KvCache};
 use crate::gpu::decoder::PREFILL_MIN_TOKENS;
 use crate::gpu::GpuDecoder;
 use crate::model_source;
+use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -51,6 +53,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             args.max_new_tokens
         );
     }
+    let sampling = args.sampling_request().resolve(&dir)?;
     let eos = if args.ignore_eos {
         Vec::new()
     } else {
@@ -73,6 +76,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         DeviceKind::Cuda => {
             let context = prompt_ids.len() + args.max_new_tokens;
             let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
+            decoder.set_sampling(sampling)?;
             let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
             let batched = !args.token_by_token
                 && prompt_ids.len() >= PREFILL_MIN_TOKENS
@@ -85,8 +89,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         DeviceKind::Cpu => {
             let model = CpuModel::load(&checkpoint);
             let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-            let (first, rest) =
-                cpu_generate(&model, &prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
+            let (first, rest) = cpu_generate(
+                &model,
+                &prompt_ids,
+                args.max_new_tokens,
+                &eos,
+                sampling,
+                &mut emit,
+            )?;
             ("cpu".to_string(), load_ms, first, rest, "")
         }
     };
@@ -108,6 +118,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "generated_ids": generated,
             "text": tokenizer.decode(&generated)?,
             "stop_reason": if hit_eos { "eos" } else { "max_new_tokens" },
+            "decoding": match sampling {
+                None => json!("greedy"),
+                Some(s) => json!({"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}),
+            },
             "timings": {
                 "load_ms": load_ms,
                 "first_token_ms": first_token_ms,
@@ -119,8 +133,15 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         println!();
         eprintln!(
-            "[{} tokens; first after {first_token_ms:.1} ms (prompt of {} tokens{prompt_note}), then {tokens_per_s:.1} tok/s on {device_name}]",
+            "[{} tokens{}; first after {first_token_ms:.1} ms (prompt of {} tokens{prompt_note}), then {tokens_per_s:.1} tok/s on {device_name}]",
             generated.len(),
+            match sampling {
+                None => String::new(),
+                Some(s) => format!(
+                    " sampled at temperature {}, top-k {}, top-p {}, seed {}",
+                    s.temperature, s.top_k, s.top_p, s.seed
+                ),
+            },
             prompt_ids.len(),
         );
     }
@@ -139,13 +160,14 @@ fn prefill_available(decoder: &GpuDecoder) -> bool {
     }
 }
 
-/// Greedy decoding on the CPU reference; returns the same timings as the
-/// GPU path.
+/// Decoding on the CPU reference, greedy or sampled; returns the same
+/// timings as the GPU path.
 pub fn cpu_generate(
     model: &CpuModel,
     prompt: &[u32],
     max_new: usize,
     eos: &[u32],
+    sampling: Option<Sampling>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(f64, f64)> {
     let start = Instant::now();
@@ -156,7 +178,12 @@ pub fn cpu_generate(
     }
     let mut first_token_ms = 0.0;
     for i in 0..max_new {
-        let token = argmax(&logits) as u32;
+        // The draw of the token after position prompt.len() - 1 + i, as the
+        // GPU's sampler numbers it.
+        let token = match &sampling {
+            None => argmax(&logits) as u32,
+            Some(s) => s.sample(&logits, prompt.len() - 1 + i),
+        };
         if i == 0 {
             first_token_ms = start.elapsed().as_secs_f64() * 1e3;
         }

@@ -49,6 +49,15 @@ pub mod layer_layout {
 pub const DECODE_THREADS: usize = 384;
 /// Threads per block of the LM-head kernel.
 pub const LM_HEAD_THREADS: usize = 512;
+/// The sampler (kernels/sample.cu): threads a block, logits a block sorts,
+/// the most tokens top-k may keep, and blocks at most (so vocabularies up to
+/// SAMPLE_SLICE x SAMPLE_MAX_BLOCKS). Its last block sorts the blocks' top
+/// k's: SAMPLE_MAX_BLOCKS x SAMPLE_MAX_TOP_K keys of 8 bytes in shared memory.
+pub const SAMPLE_THREADS: usize = 512;
+pub const SAMPLE_SLICE: usize = 2048;
+pub const SAMPLE_MAX_TOP_K: usize = 64;
+pub const SAMPLE_MAX_BLOCKS: usize = 128;
+pub const SAMPLE_SMEM_BYTES: usize = 8 * SAMPLE_MAX_BLOCKS * SAMPLE_MAX_TOP_K;
 /// Rows of the residual stream one decode block keeps in shared memory, at
 /// most: HIDDEN / 128, so the decode kernel needs a GPU of at least 8 SMs.
 pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
@@ -143,6 +152,10 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_INTERMEDIATE", INTERMEDIATE),
     ("QMK_DECODE_THREADS", DECODE_THREADS),
     ("QMK_LM_HEAD_THREADS", LM_HEAD_THREADS),
+    ("QMK_SAMPLE_THREADS", SAMPLE_THREADS),
+    ("QMK_SAMPLE_SLICE", SAMPLE_SLICE),
+    ("QMK_SAMPLE_MAX_TOP_K", SAMPLE_MAX_TOP_K),
+    ("QMK_SAMPLE_MAX_BLOCKS", SAMPLE_MAX_BLOCKS),
     ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
     ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
     ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),

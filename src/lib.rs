@@ -15,5 +15,6 @@ pub mod kernel_dims;
 pub mod model_source;
 pub mod parity;
 pub mod rope;
+pub mod sampling;
 pub mod synthetic;
 pub mod tokenizer;

@@ -7,7 +7,9 @@
 //! logprob error against the truth (on the truth's top-20 ids) are no larger
 //! than transformers-bf16's, and qwen-mk's top-1 equals the truth's at every
 //! step that is not a near-tie. A free-running greedy run is printed beside
-//! it up to the first near-tie, and must agree there too.
+//! it up to the first near-tie, and must agree there too. And the sampler
+//! (`generate --sample`), run on the same steps, must draw at each the token
+//! the CPU's sampler draws from the same logits.
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::ParityArgs;
 use crate::cpu_reference::{argmax, logprobs_at};
 use crate::gpu::GpuDecoder;
+use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Deserialize)]
@@ -108,6 +111,75 @@ fn mean_max(errors: impl Iterator<Item = f64>) -> (f64, f64) {
     (sum / n.max(1) as f64, max)
 }
 
+/// Runs `steps` decode steps teacher-forced on `sequence` after its first
+/// `prompt_len` tokens (batched prefill or token by token), calling
+/// `each(step, logits)` with the logits the LM head wrote at each.
+fn teacher_forced(
+    decoder: &mut GpuDecoder,
+    sequence: &[u32],
+    prompt_len: usize,
+    batched: bool,
+    steps: usize,
+    mut each: impl FnMut(usize, &[f32]),
+) -> Result<()> {
+    let first = prompt_len - 1;
+    if batched {
+        decoder.reset(sequence, sequence.len(), first, None)?;
+        decoder.enqueue_prefill(0, prompt_len)?;
+    } else {
+        decoder.reset(sequence, sequence.len(), 0, None)?;
+        for step in 0..first {
+            decoder.enqueue_step(false)?;
+            if step % 256 == 255 {
+                decoder.synchronize()?; // keeps every watchdog wait short
+            }
+        }
+    }
+    for step in 0..steps {
+        if batched && step == 0 {
+            decoder.enqueue_lm_head(true)?; // the prefill left the last position's residual
+        } else {
+            decoder.enqueue_step(true)?;
+        }
+        each(step, &decoder.logits()?);
+    }
+    Ok(())
+}
+
+/// The sampler (`generate --sample`) on the same teacher-forced steps, with
+/// Qwen3's recommended settings: the steps at which the kernel's draw is not
+/// the one src/sampling.rs makes from the logits the LM head wrote.
+fn check_sampler(
+    decoder: &mut GpuDecoder,
+    sequence: &[u32],
+    prompt_len: usize,
+    batched: bool,
+    steps: usize,
+) -> Result<Vec<usize>> {
+    let sampling = Sampling {
+        temperature: 0.6,
+        top_k: 20,
+        top_p: 0.95,
+        seed: 1,
+    };
+    decoder.set_sampling(Some(sampling))?;
+    let first = prompt_len - 1;
+    let mut expected = Vec::with_capacity(steps);
+    teacher_forced(
+        decoder,
+        sequence,
+        prompt_len,
+        batched,
+        steps,
+        |step, logits| {
+            expected.push(sampling.sample(logits, first + step));
+        },
+    )?;
+    decoder.set_sampling(None)?;
+    let drawn = decoder.predicted(first..first + steps)?;
+    Ok((0..steps).filter(|&s| drawn[s] != expected[s]).collect())
+}
+
 /// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
 /// problem.
 pub fn run(args: &ParityArgs) -> Result<bool> {
@@ -157,35 +229,24 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
     // Teacher-forced on the truth's sequence.
     let sequence: Vec<u32> = prompt.iter().chain(&truth.ids).copied().collect();
     let first = prompt.len() - 1;
-    if batched {
-        decoder.reset(&sequence, sequence.len(), first, None)?;
-        decoder.enqueue_prefill(0, prompt.len())?;
-    } else {
-        decoder.reset(&sequence, sequence.len(), 0, None)?;
-        for step in 0..first {
-            decoder.enqueue_step(false)?;
-            if step % 256 == 255 {
-                decoder.synchronize()?; // keeps every watchdog wait short
-            }
-        }
-    }
     let mut our_errors = Vec::with_capacity(steps);
     let mut our_top1 = Vec::with_capacity(steps);
-    for step in 0..steps {
-        if batched && step == 0 {
-            decoder.enqueue_lm_head(true)?; // the prefill left the last position's residual
-        } else {
-            decoder.enqueue_step(true)?;
-        }
-        let logits = decoder.logits()?;
-        let ours = logprobs_at(&logits, &truth.top_ids[step]);
-        our_errors.extend(
-            ours.iter()
-                .zip(&truth.top_logprobs[step])
-                .map(|(o, t)| (o - t).abs()),
-        );
-        our_top1.push(argmax(&logits) as u32);
-    }
+    teacher_forced(
+        &mut decoder,
+        &sequence,
+        prompt.len(),
+        batched,
+        steps,
+        |step, logits| {
+            let ours = logprobs_at(logits, &truth.top_ids[step]);
+            our_errors.extend(
+                ours.iter()
+                    .zip(&truth.top_logprobs[step])
+                    .map(|(o, t)| (o - t).abs()),
+            );
+            our_top1.push(argmax(logits) as u32);
+        },
+    )?;
     let kernel_top1 = decoder.predicted(first..first + steps)?;
     if kernel_top1 != our_top1 {
         let step = kernel_top1
@@ -240,10 +301,12 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         }
     }
 
+    let sampler_misses = check_sampler(&mut decoder, &sequence, prompt.len(), batched, steps)?;
     let pass = our_mean <= peer_mean
         && our_max <= peer_max
         && top1_misses.is_empty()
-        && free_mismatch.is_none();
+        && free_mismatch.is_none()
+        && sampler_misses.is_empty();
     println!(
         "\nteacher-forced logprob error vs float32 truth (top-20 ids, {steps} steps):\n  qwen-mk           mean {our_mean:.5}  max {our_max:.5}\n  transformers-bf16 mean {peer_mean:.5}  max {peer_max:.5}"
     );
@@ -253,7 +316,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         top1_misses
     );
     println!(
-        "{}: qwen-mk error {} transformers-bf16's (mean {our_mean:.5} vs {peer_mean:.5}, max {our_max:.5} vs {peer_max:.5}); top-1 {} at all {} non-near-tie steps; free-running greedy {}",
+        "{}: qwen-mk error {} transformers-bf16's (mean {our_mean:.5} vs {peer_mean:.5}, max {our_max:.5} vs {peer_max:.5}); top-1 {} at all {} non-near-tie steps; free-running greedy {}; sampler {}",
         if pass { "PASS" } else { "FAIL" },
         if our_mean <= peer_mean && our_max <= peer_max { "is within" } else { "EXCEEDS" },
         if top1_misses.is_empty() { "matches" } else { "DIFFERS" },
@@ -261,6 +324,11 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         match free_mismatch {
             None => format!("matches up to step {first_near_tie}"),
             Some(s) => format!("DIVERGES at step {s}"),
+        },
+        if sampler_misses.is_empty() {
+            format!("matches the CPU's draws at all {steps} steps")
+        } else {
+            format!("DIFFERS from the CPU's draws at steps {sampler_misses:?}")
         }
     );
     if let Some(path) = &args.json {
@@ -274,6 +342,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             "peer": {"mean_abs_err": peer_mean, "max_abs_err": peer_max},
             "near_ties": (0..steps).filter(|&s| near_tie[s]).collect::<Vec<_>>(),
             "top1_mismatches": top1_misses,
+            "sampler_mismatches": sampler_misses,
         });
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -29,8 +29,10 @@ use crate::kernel_dims::{
     DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
     NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
     RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOTS_SM120,
-    RING_SLOTS_SM90, RING_SLOT_BYTES,
+    RING_SLOTS_SM90, RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE,
+    SAMPLE_SMEM_BYTES, SAMPLE_THREADS,
 };
+use crate::sampling::Sampling;
 
 /// Mirrors `DecodeState` in kernels/common.cuh.
 #[repr(C)]
@@ -101,14 +103,36 @@ struct LmHeadParams {
     vocab: u32,
     context: u32,
     eps: f32,
+    /// 0 when the sampler picks the token.
+    advance: u32,
 }
 unsafe impl DeviceRepr for LmHeadParams {}
 
+/// Mirrors `SampleParams` in kernels/sample.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleParams {
+    logits: u64,
+    candidates: u64,
+    blocks_done: u64,
+    state: u64,
+    tokens: u64,
+    predicted: u64,
+    host_tokens: u64,
+    seed: u64,
+    vocab: u32,
+    context: u32,
+    top_k: u32,
+    temperature: f32,
+    top_p: f32,
+}
+unsafe impl DeviceRepr for SampleParams {}
+
 /// attention merge counters (one per layer and query head) | decode launch
 /// arrivals (u64, 8-byte aligned: the merge counters are an even number) |
-/// LM-head blocks done.
+/// LM-head blocks done | sampler blocks done.
 const MERGE_COUNTERS: usize = NUM_LAYERS * NUM_Q_HEADS;
-const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 1;
+const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 2;
 const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
 
 /// The decode kernel's handed-on vectors, 64-bit tagged values:
@@ -181,6 +205,10 @@ pub struct GpuDecoder {
     host_tokens: PinnedHostSlice<u32>,
     decode_params: DecodeParams,
     lm_params: LmHeadParams,
+    /// The sampler's parameters, when `generate --sample` asked for it
+    /// (set_sampling); else the LM head's argmax picks each token.
+    sample_params: Option<SampleParams>,
+    sample_candidates: CudaSlice<u64>,
 }
 
 fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -438,7 +466,13 @@ impl GpuDecoder {
             vocab: config.vocab_size as u32,
             context: context as u32,
             eps,
+            advance: 1,
         };
+        let sample_candidates = stream.alloc_zeros::<u64>(SAMPLE_MAX_BLOCKS * SAMPLE_MAX_TOP_K)?;
+        device.sample.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            SAMPLE_SMEM_BYTES as i32,
+        )?;
         let prefill = match prefill::unavailable_reason() {
             Some(why) => Err(why),
             None => Ok(Prefill::new(&stream, context)?),
@@ -465,6 +499,8 @@ impl GpuDecoder {
             host_tokens,
             decode_params,
             lm_params,
+            sample_params: None,
+            sample_candidates,
         };
         decoder.warm_up_prefill()?;
         Ok(decoder)
@@ -537,11 +573,43 @@ impl GpuDecoder {
         Ok(())
     }
 
+    /// Whether each step's token is sampled (`Some`) or the argmax. The LM
+    /// head then writes the logits and the sampler (kernels/sample.cu) picks
+    /// the token and advances the token loop.
+    pub fn set_sampling(&mut self, sampling: Option<Sampling>) -> Result<()> {
+        let blocks = self.vocab.div_ceil(SAMPLE_SLICE);
+        if sampling.is_some() && blocks > SAMPLE_MAX_BLOCKS {
+            bail!(
+                "sampling on the GPU handles vocabularies of up to {} tokens, this one has {}; use greedy decoding or --device cpu",
+                SAMPLE_SLICE * SAMPLE_MAX_BLOCKS,
+                self.vocab
+            );
+        }
+        self.sample_params = sampling.map(|s| SampleParams {
+            logits: ptr(&self.logits, &self.stream),
+            candidates: ptr(&self.sample_candidates, &self.stream),
+            blocks_done: self.lm_params.blocks_done + 4,
+            state: self.lm_params.state,
+            tokens: self.lm_params.tokens,
+            predicted: self.lm_params.predicted,
+            host_tokens: self.lm_params.host_tokens,
+            seed: s.seed,
+            vocab: self.vocab as u32,
+            context: self.context as u32,
+            top_k: s.top_k as u32,
+            temperature: s.temperature,
+            top_p: s.top_p,
+        });
+        Ok(())
+    }
+
+    /// The LM head, and the sampler after it when sampling.
     pub fn enqueue_lm_head(&self, want_logits: bool) -> Result<()> {
         let mut params = self.lm_params;
-        if want_logits {
+        if want_logits || self.sample_params.is_some() {
             params.logits = ptr(&self.logits, &self.stream);
         }
+        params.advance = u32::from(self.sample_params.is_none());
         let cfg = LaunchConfig {
             grid_dim: (self.lm_head_blocks, 1, 1),
             block_dim: (LM_HEAD_THREADS as u32, 1, 1),
@@ -550,6 +618,16 @@ impl GpuDecoder {
         let mut launch = self.stream.launch_builder(&self.device.lm_head);
         launch.arg(&params);
         unsafe { launch.launch(cfg) }.context("LM-head kernel launch failed")?;
+        if let Some(sample) = &self.sample_params {
+            let cfg = LaunchConfig {
+                grid_dim: (self.vocab.div_ceil(SAMPLE_SLICE) as u32, 1, 1),
+                block_dim: (SAMPLE_THREADS as u32, 1, 1),
+                shared_mem_bytes: SAMPLE_SMEM_BYTES as u32,
+            };
+            let mut launch = self.stream.launch_builder(&self.device.sample);
+            launch.arg(sample);
+            unsafe { launch.launch(cfg) }.context("sampler kernel launch failed")?;
+        }
         Ok(())
     }
 

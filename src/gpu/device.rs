@@ -20,6 +20,7 @@ pub struct Device {
     _modules: Vec<Arc<CudaModule>>,
     pub decode_step: CudaFunction,
     pub lm_head: CudaFunction,
+    pub sample: CudaFunction,
     pub fill_random_bf16: CudaFunction,
     pub read_bandwidth: CudaFunction,
     pub prefill: PrefillKernels,
@@ -128,6 +129,7 @@ impl Device {
         };
         let decode_module = load(embedded::DECODE_MEGAKERNEL)?;
         let lm_head_module = load(embedded::LM_HEAD)?;
+        let sample_module = load(embedded::SAMPLE)?;
         let bench_module = load(embedded::BENCH_KERNELS)?;
         let prefill_module = load(embedded::PREFILL)?;
         let attention =
@@ -145,12 +147,14 @@ impl Device {
         Ok(Self {
             decode_step: decode_module.load_function("decode_step")?,
             lm_head: lm_head_module.load_function("lm_head")?,
+            sample: sample_module.load_function("sample_token")?,
             fill_random_bf16: bench_module.load_function("fill_random_bf16")?,
             read_bandwidth: bench_module.load_function("read_bandwidth")?,
             prefill,
             _modules: vec![
                 decode_module,
                 lm_head_module,
+                sample_module,
                 bench_module,
                 prefill_module,
                 attention_module,

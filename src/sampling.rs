@@ -1,0 +1,380 @@
+//! Sampling the next token instead of taking the argmax (`generate
+//! --sample`): temperature, top-k, then top-p, in the order transformers'
+//! logits warpers apply them, and one uniform draw per position from a
+//! counter-based generator of (seed, position). `choose` is the math
+//! kernels/sample.cu runs, step for step in f32, so the CPU backend and the
+//! GPU pick the same token from the same logits.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::kernel_dims::SAMPLE_MAX_TOP_K;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+/// What the command line asked for; unset fields come from the
+/// checkpoint's generation_config.json, then transformers' defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SamplingRequest {
+    pub sample: bool,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingRequest {
+    /// None for greedy decoding: neither --sample nor a sampling setting
+    /// was given, or --temperature 0.
+    pub fn resolve(&self, model_dir: &Path) -> Result<Option<Sampling>> {
+        let asked = self.sample
+            || self.temperature.is_some()
+            || self.top_k.is_some()
+            || self.top_p.is_some();
+        if !asked || self.temperature == Some(0.0) {
+            return Ok(None);
+        }
+        let defaults = GenerationDefaults::read(model_dir)?;
+        let sampling = Sampling {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            seed: self.seed.unwrap_or_else(clock_seed),
+        };
+        sampling.check()?;
+        Ok(Some(sampling))
+    }
+}
+
+impl Sampling {
+    fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "--temperature must be a positive number (0 for greedy decoding), not {}",
+                self.temperature
+            );
+        }
+        if !(1..=SAMPLE_MAX_TOP_K).contains(&self.top_k) {
+            bail!(
+                "--top-k must be between 1 and {SAMPLE_MAX_TOP_K} (qwen-mk samples among at most the {SAMPLE_MAX_TOP_K} most likely tokens), not {}; the checkpoint's generation_config.json may set it, --top-k overrides it",
+                self.top_k
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], not {}", self.top_p);
+        }
+        Ok(())
+    }
+
+    /// The token for position `pos` from a whole vocabulary of logits.
+    pub fn sample(&self, logits: &[f32], pos: usize) -> u32 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        // Largest logit first, ties to the lower id (as argmax_key orders them).
+        let by_rank = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = self.top_k.min(order.len());
+        if k < order.len() {
+            order.select_nth_unstable_by(k - 1, by_rank);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(by_rank);
+        let best: Vec<(f32, u32)> = order.iter().map(|&id| (logits[id as usize], id)).collect();
+        choose(
+            &best,
+            self.temperature,
+            self.top_p,
+            uniform(self.seed, pos as u32),
+        )
+    }
+}
+
+/// The token drawn from `best` (logit, id), largest first: softmax at the
+/// temperature, the smallest prefix whose mass reaches top_p (at least one
+/// token), then the first token whose running mass passes u times the kept
+/// mass. kernels/sample.cu's `choose`, in the same f32 steps.
+pub fn choose(best: &[(f32, u32)], temperature: f32, top_p: f32, u: f32) -> u32 {
+    let kept = Nucleus::of(best, temperature, top_p);
+    let target = u * kept.mass;
+    let mut running = 0.0f32;
+    for &(logit, id) in &best[..kept.len] {
+        running += kept.weight(logit);
+        if target < running {
+            return id;
+        }
+    }
+    best[kept.len - 1].1
+}
+
+/// The probability of each token `choose` may draw, for comparison with
+/// transformers' warpers (tests).
+pub fn distribution(best: &[(f32, u32)], temperature: f32, top_p: f32) -> Vec<(u32, f32)> {
+    let kept = Nucleus::of(best, temperature, top_p);
+    best[..kept.len]
+        .iter()
+        .map(|&(logit, id)| (id, kept.weight(logit) / kept.mass))
+        .collect()
+}
+
+/// The tokens top-p keeps of the top k: the first `len` of them, whose
+/// unnormalised weights add up to `mass`.
+struct Nucleus {
+    top: f32,
+    temperature: f32,
+    len: usize,
+    mass: f32,
+}
+
+impl Nucleus {
+    fn of(best: &[(f32, u32)], temperature: f32, top_p: f32) -> Self {
+        let mut nucleus = Self {
+            top: best[0].0 / temperature,
+            temperature,
+            len: 0,
+            mass: 0.0,
+        };
+        let total: f32 = best
+            .iter()
+            .fold(0.0, |sum, &(logit, _)| sum + nucleus.weight(logit));
+        while nucleus.len < best.len() && (nucleus.len == 0 || nucleus.mass < top_p * total) {
+            nucleus.mass += nucleus.weight(best[nucleus.len].0);
+            nucleus.len += 1;
+        }
+        nucleus
+    }
+
+    /// A token's softmax numerator at the temperature.
+    fn weight(&self, logit: f32) -> f32 {
+        (logit / self.temperature - self.top).exp()
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The draw for position `pos`: 24 random bits as a float in [0, 1).
+pub fn uniform(seed: u64, pos: u32) -> f32 {
+    (splitmix64(seed ^ splitmix64(pos as u64)) >> 40) as f32 * (1.0 / 16_777_216.0)
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The sampling settings a checkpoint recommends, with transformers'
+/// defaults (temperature 1, top-k 50, top-p 1) for those it leaves out.
+struct GenerationDefaults {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+}
+
+impl GenerationDefaults {
+    fn read(model_dir: &Path) -> Result<Self> {
+        let mut defaults = Self {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+        };
+        let path = model_dir.join("generation_config.json");
+        if !path.is_file() {
+            return Ok(defaults);
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let number = |name: &str| -> Result<Option<f64>> {
+            match json.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .with_context(|| format!("{name} in {} is not a number", path.display())),
+            }
+        };
+        if let Some(t) = number("temperature")? {
+            defaults.temperature = t as f32;
+        }
+        if let Some(k) = number("top_k")? {
+            defaults.top_k = k as usize;
+        }
+        if let Some(p) = number("top_p")? {
+            defaults.top_p = p as f32;
+        }
+        Ok(defaults)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f32, top_k: usize, top_p: f32) -> Sampling {
+        Sampling {
+            temperature,
+            top_k,
+            top_p,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn top_k_of_one_is_the_argmax_with_ties_to_the_lower_id() {
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.9];
+        for pos in 0..20 {
+            assert_eq!(sampling(0.7, 1, 1.0).sample(&logits, pos), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_prefix_that_reaches_it() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125 at temperature 1.
+        let ln = |p: f32| p.ln();
+        let best = [(ln(0.5), 3), (ln(0.25), 1), (ln(0.125), 0), (ln(0.125), 2)];
+        // top_p 0.6: {3, 1} (0.5 < 0.6, 0.75 >= 0.6): u below 2/3 picks 3, above picks 1.
+        assert_eq!(choose(&best, 1.0, 0.6, 0.0), 3);
+        assert_eq!(choose(&best, 1.0, 0.6, 0.66), 3);
+        assert_eq!(choose(&best, 1.0, 0.6, 0.67), 1);
+        assert_eq!(choose(&best, 1.0, 0.6, 0.999), 1);
+        // top_p 0.5 reached by the first alone; a tiny top_p still keeps one.
+        assert_eq!(choose(&best, 1.0, 0.5, 0.999), 3);
+        assert_eq!(choose(&best, 1.0, 1e-6, 0.999), 3);
+        // top_p 1: all four; u in the last eighth picks the last.
+        assert_eq!(choose(&best, 1.0, 1.0, 0.9), 2);
+        assert_eq!(choose(&best, 1.0, 1.0, 0.8), 0);
+    }
+
+    #[test]
+    fn frequencies_follow_the_tempered_distribution() {
+        // Over many positions, each kept token's share is its softmax at the
+        // temperature among the top k (top_p 1).
+        let logits = [1.0f32, 3.0, 2.0, 0.0, 2.5];
+        let s = sampling(0.8, 3, 1.0);
+        let weights: Vec<f32> = [3.0f32, 2.5, 2.0]
+            .iter()
+            .map(|l| ((l - 3.0) / 0.8).exp())
+            .collect();
+        let total: f32 = weights.iter().sum();
+        let n = 40_000;
+        let mut counts = [0usize; 5];
+        for pos in 0..n {
+            counts[s.sample(&logits, pos) as usize] += 1;
+        }
+        assert_eq!(counts[0] + counts[3], 0, "{counts:?}");
+        for (id, w) in [(1, weights[0]), (4, weights[1]), (2, weights[2])] {
+            let share = counts[id] as f32 / n as f32;
+            assert!(
+                (share - w / total).abs() < 0.01,
+                "{id}: {share} vs {}",
+                w / total
+            );
+        }
+    }
+
+    #[test]
+    fn draws_are_uniform_and_fixed_by_seed_and_position() {
+        assert_eq!(uniform(1, 5), uniform(1, 5));
+        assert_ne!(uniform(1, 5), uniform(2, 5));
+        assert_ne!(uniform(1, 5), uniform(1, 6));
+        let n = 100_000;
+        let mean = (0..n).map(|p| uniform(42, p) as f64).sum::<f64>() / n as f64;
+        assert!((mean - 0.5).abs() < 0.005, "{mean}");
+        assert!((0..n).all(|p| (0.0..1.0).contains(&uniform(9, p))));
+    }
+
+    #[test]
+    fn settings_come_from_the_command_line_then_the_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("qwen-mk-sampling-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"do_sample": true, "temperature": 0.6, "top_k": 20, "top_p": 0.95}"#,
+        )
+        .unwrap();
+        let greedy = SamplingRequest::default();
+        assert_eq!(greedy.resolve(&dir).unwrap(), None);
+        let zero = SamplingRequest {
+            temperature: Some(0.0),
+            ..Default::default()
+        };
+        assert_eq!(zero.resolve(&dir).unwrap(), None);
+        let sample = SamplingRequest {
+            sample: true,
+            seed: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            sample.resolve(&dir).unwrap(),
+            Some(sampling_seeded(0.6, 20, 0.95, 3))
+        );
+        let override_k = SamplingRequest {
+            top_k: Some(5),
+            seed: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            override_k.resolve(&dir).unwrap(),
+            Some(sampling_seeded(0.6, 5, 0.95, 3))
+        );
+        for (bad, what) in [
+            (
+                SamplingRequest {
+                    top_k: Some(65),
+                    ..Default::default()
+                },
+                "--top-k must be between 1 and 64",
+            ),
+            (
+                SamplingRequest {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "--top-k must be between 1 and 64",
+            ),
+            (
+                SamplingRequest {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "--top-p must be in (0, 1]",
+            ),
+            (
+                SamplingRequest {
+                    temperature: Some(-1.0),
+                    ..Default::default()
+                },
+                "--temperature must be a positive number",
+            ),
+        ] {
+            let err = bad.resolve(&dir).unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn sampling_seeded(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampling {
+        Sampling {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
+    }
+}
