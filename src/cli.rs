@@ -84,13 +84,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub sample: bool,
     /// Sampling temperature (0: greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Sample among the k most likely tokens (1 to 64).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Sample among the fewest most likely tokens whose probability reaches p.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Seed of the sampling draws (default: from the clock; --json reports it).
     #[arg(long)]

@@ -369,6 +369,62 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Rebuilds a case's logits as reference/make_sampling_reference.py
+    /// makes them.
+    fn case_logits(seed: u64, vocab: usize, scale: f64) -> Vec<f32> {
+        (0..vocab as u64)
+            .map(|i| {
+                let bits = splitmix64(seed * 1_000_003 + i) >> 40;
+                ((bits as f64 / 16_777_216.0 * 2.0 - 1.0) * scale) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_kept_tokens_and_their_odds_are_transformers() {
+        let golden: serde_json::Value =
+            serde_json::from_str(include_str!("../reference/sampling.json")).unwrap();
+        let cases = golden["cases"].as_array().unwrap();
+        assert!(cases.len() >= 5);
+        for case in cases {
+            let f = |name: &str| case[name].as_f64().unwrap();
+            let logits = case_logits(f("seed") as u64, f("vocab") as usize, f("scale"));
+            let top_k = f("top_k") as usize;
+            let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+            order.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+            let best: Vec<(f32, u32)> = order[..top_k]
+                .iter()
+                .map(|&id| (logits[id as usize], id))
+                .collect();
+            let ours = distribution(&best, f("temperature") as f32, f("top_p") as f32);
+            let ids: Vec<u32> = case["kept_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let probs: Vec<f64> = case["probs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(
+                ours.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+                ids,
+                "case seed {}",
+                f("seed")
+            );
+            for ((_, p), q) in ours.iter().zip(&probs) {
+                assert!(
+                    (*p as f64 - q).abs() < 1e-5,
+                    "case seed {}: {p} vs {q}",
+                    f("seed")
+                );
+            }
+        }
+    }
+
     fn sampling_seeded(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampling {
         Sampling {
             temperature,

@@ -285,3 +285,25 @@ fn cuda_without_a_gpu() {
         }
     }
 }
+
+#[test]
+fn sampling_settings_out_of_range() {
+    let dir = tiny_checkpoint(3, true);
+    for (args, needle) in [
+        (&["--top-k", "65"][..], "--top-k must be between 1 and 64"),
+        (&["--top-k", "0"][..], "--top-k must be between 1 and 64"),
+        (&["--top-p", "0"][..], "--top-p must be in (0, 1]"),
+        (
+            &["--temperature", "-0.5"][..],
+            "--temperature must be a positive number",
+        ),
+        (
+            &["--temperature", "inf"][..],
+            "--temperature must be a positive number",
+        ),
+    ] {
+        let mut all = vec!["--prompt", "hi", "--device", "cpu"];
+        all.extend_from_slice(args);
+        assert_one_line_error(&generate(dir.path(), &all), needle);
+    }
+}

@@ -143,3 +143,47 @@ fn cli_generate_on_cpu_gives_the_transformers_ids() {
     assert_eq!(prompt_ids, reference.prompt_ids);
     assert_eq!(ids, reference.truth.ids);
 }
+
+#[test]
+fn cli_sampling_on_cpu_is_fixed_by_its_seed_and_top_k_one_is_greedy() {
+    let (reference, raw) = golden();
+    let seed = &reference.model.metadata["qwen_mk_seed"];
+    let dir = common::tiny_checkpoint(seed.parse().unwrap(), true);
+    let prompt = raw["prompt"].as_str().unwrap();
+    let steps = reference.truth.ids.len().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &steps,
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        common::generate_json(&args)
+    };
+    // The checkpoint's generation_config.json (Qwen3's: 0.6, 20, 0.95).
+    let first = run(&["--sample", "--seed", "11"]);
+    assert_eq!(
+        first["decoding"],
+        serde_json::json!({"temperature": 0.6f32, "top_k": 20, "top_p": 0.95f32, "seed": 11})
+    );
+    let again = run(&["--sample", "--seed", "11"]);
+    let other = run(&["--sample", "--seed", "12"]);
+    let ids = |r: &serde_json::Value| common::ids(&r["generated_ids"]);
+    assert_eq!(ids(&first), ids(&again));
+    assert_ne!(ids(&first), ids(&other));
+    assert_ne!(ids(&first), reference.truth.ids);
+    // One candidate: the argmax, whatever the seed; temperature 0: greedy.
+    assert_eq!(
+        ids(&run(&["--top-k", "1", "--seed", "3"])),
+        reference.truth.ids
+    );
+    let greedy = run(&["--temperature", "0"]);
+    assert_eq!(greedy["decoding"], "greedy");
+    assert_eq!(ids(&greedy), reference.truth.ids);
+}
