@@ -5,9 +5,11 @@
 // of the choice is src/sampling.rs's, operation for operation, so the CPU
 // and the GPU pick the same token from the same logits.
 //
-// Each block sorts a slice of SAMPLE_SLICE logits in shared memory and
-// hands on its top k; the block that finishes last sorts those, picks the
-// token and advances the token loop (token_loop.cuh) in the LM head's place.
+// Each block finds the top k of a slice of SAMPLE_SLICE logits (each warp
+// the top k of its 128 by k rounds of a warp-wide max, then one warp the
+// block's from the warps') and hands them on; the block that finishes last
+// merges the blocks' lists the same way, picks the token and advances the
+// token loop (token_loop.cuh) in the LM head's place.
 #include "common.cuh"
 #include "token_loop.cuh"
 
@@ -17,8 +19,6 @@ constexpr int THREADS = QMK_SAMPLE_THREADS;
 constexpr int SLICE = QMK_SAMPLE_SLICE;            // logits a block sorts
 constexpr int MAX_TOP_K = QMK_SAMPLE_MAX_TOP_K;
 constexpr int MAX_BLOCKS = QMK_SAMPLE_MAX_BLOCKS;  // so the vocabulary is at most SLICE x MAX_BLOCKS
-constexpr int MERGED = MAX_BLOCKS * MAX_TOP_K;     // keys the last block sorts, at most
-static_assert((SLICE & (SLICE - 1)) == 0 && (MERGED & (MERGED - 1)) == 0, "bitonic sorts of powers of two");
 
 struct SampleParams {
     const float* logits;             // vocab, this step's
@@ -54,22 +54,67 @@ __device__ __forceinline__ float uniform(unsigned long long seed, unsigned int p
     return (float)(splitmix64(seed ^ splitmix64(pos)) >> 40) * (1.0f / 16777216.0f);
 }
 
-// Sorts n keys (a power of two) in shared memory, largest first: a
-// bitonic network, every thread of the block taking pairs in turn.
-__device__ void sort_descending(unsigned long long* keys, int n) {
-    for (int size = 2; size <= n; size *= 2)
-        for (int stride = size / 2; stride > 0; stride /= 2) {
-            for (int i = threadIdx.x; i < n / 2; i += THREADS) {
-                const int lo = 2 * stride * (i / stride) + i % stride, hi = lo + stride;
-                const bool descending = (lo & size) == 0;
-                const unsigned long long a = keys[lo], b = keys[hi];
-                if ((a < b) == descending) {
-                    keys[lo] = b;
-                    keys[hi] = a;
-                }
-            }
-            __syncthreads();
+// Keys of the slice each lane holds.
+constexpr int PER_LANE = SLICE / THREADS;
+static_assert(PER_LANE == 4, "a lane sorts its four keys with a five-step network");
+// Lists a lane of the merging warp follows.
+constexpr int LISTS_PER_LANE = MAX_BLOCKS / WARP;
+static_assert(THREADS / WARP <= WARP && MAX_BLOCKS % WARP == 0, "");
+
+__device__ __forceinline__ void order(unsigned long long& a, unsigned long long& b) {
+    if (a < b) {
+        const unsigned long long t = a;
+        a = b;
+        b = t;
+    }
+}
+
+// The warp's k largest of its lanes' PER_LANE keys each, largest first, into
+// out[0..k): k rounds of a warp-wide max over the lanes' largest remaining
+// key, the lane that held it moving on to its next.
+__device__ void warp_top_k(unsigned long long (&r)[PER_LANE], int k, unsigned long long* out) {
+    order(r[0], r[1]);
+    order(r[2], r[3]);
+    order(r[0], r[2]);
+    order(r[1], r[3]);
+    order(r[1], r[2]);
+    const int lane = threadIdx.x % WARP;
+    for (int i = 0; i < k; ++i) {
+        const unsigned long long best = warp_max_key(r[0]);
+        if (lane == 0) out[i] = best;
+        if (lane == __ffs(__ballot_sync(0xffffffffu, r[0] == best)) - 1) {
+#pragma unroll
+            for (int j = 0; j + 1 < PER_LANE; ++j) r[j] = r[j + 1];
+            r[PER_LANE - 1] = 0ull;
         }
+    }
+}
+
+// Run by one warp: the k largest keys of n lists (n <= MAX_BLOCKS) of k
+// keys each, largest first, list l at lists + l * MAX_TOP_K, into
+// out[0..k). Lane i follows lists i, i + 32, ...
+__device__ void warp_merge(const unsigned long long* lists, int n, int k, unsigned long long* out) {
+    const int lane = threadIdx.x % WARP;
+    int next[LISTS_PER_LANE] = {};
+    for (int i = 0; i < k; ++i) {
+        unsigned long long mine = 0ull;
+        int from = 0;
+#pragma unroll
+        for (int j = 0; j < LISTS_PER_LANE; ++j) {
+            const int list = lane + j * WARP;
+            const unsigned long long head = list < n && next[j] < k ? lists[list * MAX_TOP_K + next[j]] : 0ull;
+            if (head > mine) {
+                mine = head;
+                from = j;
+            }
+        }
+        const unsigned long long best = warp_max_key(mine);
+        if (lane == 0) out[i] = best;
+        if (lane == __ffs(__ballot_sync(0xffffffffu, mine == best)) - 1) {
+#pragma unroll
+            for (int j = 0; j < LISTS_PER_LANE; ++j) next[j] += j == from;
+        }
+    }
 }
 
 // The token drawn from the k best keys (largest first): softmax at the
@@ -96,35 +141,39 @@ __device__ unsigned int choose(const unsigned long long* keys, int k, float temp
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) sample_token(const SampleParams p) {
-    extern __shared__ unsigned long long keys[];  // SLICE, then the last block's MERGED
+    extern __shared__ unsigned long long lists[];  // MAX_BLOCKS lists of MAX_TOP_K keys
     __shared__ bool is_last;
     if (p.state->done) return;  // nobody writes `done` until every block has passed here
 
+    // This block's slice: each warp its top k, then warp 0 the block's.
     const int k = (int)p.top_k;
-    const int begin = blockIdx.x * SLICE;
-    for (int i = threadIdx.x; i < SLICE; i += THREADS) {
-        const int id = begin + i;
-        keys[i] = id < (int)p.vocab ? argmax_key(__ldcg(p.logits + id), (unsigned int)id) : 0ull;  // 0: below all
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    unsigned long long r[PER_LANE];
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) {
+        const int id = blockIdx.x * SLICE + warp * PER_LANE * WARP + j * WARP + lane;
+        r[j] = id < (int)p.vocab ? argmax_key(__ldcg(p.logits + id), (unsigned int)id) : 0ull;  // 0: below all
     }
+    warp_top_k(r, k, lists + warp * MAX_TOP_K);
     __syncthreads();
-    sort_descending(keys, SLICE);
-    for (int i = threadIdx.x; i < k; i += THREADS) p.candidates[blockIdx.x * MAX_TOP_K + i] = keys[i];
+    if (warp == 0) warp_merge(lists, THREADS / WARP, k, p.candidates + blockIdx.x * MAX_TOP_K);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(p.blocks_done, 1u) == gridDim.x - 1;
     __syncthreads();
     if (!is_last) return;
-    __threadfence();
 
-    int n = 1;
-    while (n < (int)gridDim.x * k) n *= 2;
-    for (int i = threadIdx.x; i < n; i += THREADS)
-        keys[i] = i < (int)gridDim.x * k ? __ldcg(p.candidates + (i / k) * MAX_TOP_K + i % k) : 0ull;
+    // The last block: the grid's top k from the blocks', then the draw.
+    __threadfence();
+    for (int i = threadIdx.x; i < (int)gridDim.x * MAX_TOP_K; i += THREADS)
+        lists[i] = i % MAX_TOP_K < k ? __ldcg(p.candidates + i) : 0ull;
     __syncthreads();
-    sort_descending(keys, n);
+    if (warp == 0) warp_merge(lists, gridDim.x, k, lists + MAX_BLOCKS * MAX_TOP_K);
+    __syncthreads();
     if (threadIdx.x == 0) {
         const TokenLoop loop{p.state, p.tokens, p.predicted, p.host_tokens, p.context};
-        const unsigned int token = choose(keys, k, p.temperature, p.top_p, uniform(p.seed, p.state->pos));
+        const unsigned long long* best = lists + MAX_BLOCKS * MAX_TOP_K;
+        const unsigned int token = choose(best, k, p.temperature, p.top_p, uniform(p.seed, p.state->pos));
         *p.blocks_done = 0;  // ready for the next launch
         loop.advance(token);
     }

@@ -49,15 +49,16 @@ pub mod layer_layout {
 pub const DECODE_THREADS: usize = 384;
 /// Threads per block of the LM-head kernel.
 pub const LM_HEAD_THREADS: usize = 512;
-/// The sampler (kernels/sample.cu): threads a block, logits a block sorts,
-/// the most tokens top-k may keep, and blocks at most (so vocabularies up to
-/// SAMPLE_SLICE x SAMPLE_MAX_BLOCKS). Its last block sorts the blocks' top
-/// k's: SAMPLE_MAX_BLOCKS x SAMPLE_MAX_TOP_K keys of 8 bytes in shared memory.
+/// The sampler (kernels/sample.cu): threads a block, logits a block takes
+/// (four a thread), the most tokens top-k may keep, and blocks at most (so
+/// vocabularies up to SAMPLE_SLICE x SAMPLE_MAX_BLOCKS). Its last block
+/// merges the blocks' top k's in shared memory: SAMPLE_MAX_BLOCKS lists and
+/// the result, of SAMPLE_MAX_TOP_K keys of 8 bytes.
 pub const SAMPLE_THREADS: usize = 512;
-pub const SAMPLE_SLICE: usize = 2048;
+pub const SAMPLE_SLICE: usize = 4 * SAMPLE_THREADS;
 pub const SAMPLE_MAX_TOP_K: usize = 64;
 pub const SAMPLE_MAX_BLOCKS: usize = 128;
-pub const SAMPLE_SMEM_BYTES: usize = 8 * SAMPLE_MAX_BLOCKS * SAMPLE_MAX_TOP_K;
+pub const SAMPLE_SMEM_BYTES: usize = 8 * (SAMPLE_MAX_BLOCKS + 1) * SAMPLE_MAX_TOP_K;
 /// Rows of the residual stream one decode block keeps in shared memory, at
 /// most: HIDDEN / 128, so the decode kernel needs a GPU of at least 8 SMs.
 pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;

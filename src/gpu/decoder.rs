@@ -578,6 +578,13 @@ impl GpuDecoder {
     /// the token and advances the token loop.
     pub fn set_sampling(&mut self, sampling: Option<Sampling>) -> Result<()> {
         let blocks = self.vocab.div_ceil(SAMPLE_SLICE);
+        if let Some(s) = sampling.filter(|s| s.top_k > self.vocab) {
+            bail!(
+                "--top-k {} is more than the vocabulary's {} tokens",
+                s.top_k,
+                self.vocab
+            );
+        }
         if sampling.is_some() && blocks > SAMPLE_MAX_BLOCKS {
             bail!(
                 "sampling on the GPU handles vocabularies of up to {} tokens, this one has {}; use greedy decoding or --device cpu",
