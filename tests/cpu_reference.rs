@@ -120,52 +120,57 @@ fn per_layer_hidden_states_are_inspectable() {
     assert_ne!(trace[0], trace[1]);
 }
 
-#[test]
-fn cli_generate_on_cpu_gives_the_transformers_ids() {
-    let (reference, raw) = golden();
-    let seed = &reference.model.metadata["qwen_mk_seed"];
-    let dir = common::tiny_checkpoint(seed.parse().unwrap(), true);
-    let prompt = raw["prompt"].as_str().unwrap();
-    let steps = reference.truth.ids.len().to_string();
-    let report = common::generate_json(&[
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        &steps,
-        "--ignore-eos",
-    ]);
-    let ids = common::ids(&report["generated_ids"]);
-    let prompt_ids = common::ids(&report["prompt_ids"]);
-    assert_eq!(prompt_ids, reference.prompt_ids);
-    assert_eq!(ids, reference.truth.ids);
+/// `qwen-mk generate --device cpu` on the tiny golden's checkpoint and
+/// prompt, for as many new tokens as the golden has, with `extra` arguments.
+struct GoldenGenerate {
+    reference: Reference,
+    prompt: String,
+    dir: tempfile::TempDir,
 }
 
-#[test]
-fn cli_sampling_on_cpu_is_fixed_by_its_seed_and_top_k_one_is_greedy() {
-    let (reference, raw) = golden();
-    let seed = &reference.model.metadata["qwen_mk_seed"];
-    let dir = common::tiny_checkpoint(seed.parse().unwrap(), true);
-    let prompt = raw["prompt"].as_str().unwrap();
-    let steps = reference.truth.ids.len().to_string();
-    let run = |extra: &[&str]| {
+impl GoldenGenerate {
+    fn new() -> Self {
+        let (reference, raw) = golden();
+        let seed = reference.model.metadata["qwen_mk_seed"].parse().unwrap();
+        Self {
+            dir: common::tiny_checkpoint(seed, true),
+            prompt: raw["prompt"].as_str().unwrap().to_string(),
+            reference,
+        }
+    }
+
+    fn run(&self, extra: &[&str]) -> serde_json::Value {
+        let steps = self.reference.truth.ids.len().to_string();
         let mut args = vec![
             "--model",
-            dir.path().to_str().unwrap(),
+            self.dir.path().to_str().unwrap(),
             "--device",
             "cpu",
             "--prompt",
-            prompt,
+            &self.prompt,
             "--max-new-tokens",
             &steps,
             "--ignore-eos",
         ];
         args.extend_from_slice(extra);
         common::generate_json(&args)
-    };
+    }
+}
+
+#[test]
+fn cli_generate_on_cpu_gives_the_transformers_ids() {
+    let golden = GoldenGenerate::new();
+    let report = golden.run(&[]);
+    let reference = &golden.reference;
+    assert_eq!(common::ids(&report["prompt_ids"]), reference.prompt_ids);
+    assert_eq!(common::ids(&report["generated_ids"]), reference.truth.ids);
+}
+
+#[test]
+fn cli_sampling_on_cpu_is_fixed_by_its_seed_and_top_k_one_is_greedy() {
+    let golden = GoldenGenerate::new();
+    let run = |extra: &[&str]| golden.run(extra);
+    let reference = &golden.reference;
     // The checkpoint's generation_config.json (Qwen3's: 0.6, 20, 0.95).
     let first = run(&["--sample", "--seed", "11"]);
     assert_eq!(
