@@ -16,7 +16,7 @@
 namespace qmk {
 
 constexpr int THREADS = QMK_SAMPLE_THREADS;
-constexpr int SLICE = QMK_SAMPLE_SLICE;            // logits a block sorts
+constexpr int SLICE = QMK_SAMPLE_SLICE;            // logits a block takes
 constexpr int MAX_TOP_K = QMK_SAMPLE_MAX_TOP_K;
 constexpr int MAX_BLOCKS = QMK_SAMPLE_MAX_BLOCKS;  // so the vocabulary is at most SLICE x MAX_BLOCKS
 
