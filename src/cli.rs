@@ -80,7 +80,7 @@ pub struct GenerateArgs {
     pub token_by_token: bool,
     /// Sample the tokens with the checkpoint's generation_config.json
     /// settings (temperature, top-k, top-p) instead of taking the most
-    /// likely one. Any of the three below implies it.
+    /// likely one. Any of the four below implies it.
     #[arg(long)]
     pub sample: bool,
     /// Sampling temperature (0: greedy).

@@ -32,12 +32,13 @@ pub struct SamplingRequest {
 
 impl SamplingRequest {
     /// None for greedy decoding: neither --sample nor a sampling setting
-    /// was given, or --temperature 0.
+    /// (a seed counts) was given, or --temperature 0.
     pub fn resolve(&self, model_dir: &Path) -> Result<Option<Sampling>> {
         let asked = self.sample
             || self.temperature.is_some()
             || self.top_k.is_some()
-            || self.top_p.is_some();
+            || self.top_p.is_some()
+            || self.seed.is_some();
         if !asked || self.temperature == Some(0.0) {
             return Ok(None);
         }
@@ -323,6 +324,14 @@ mod tests {
         assert_eq!(
             sample.resolve(&dir).unwrap(),
             Some(sampling_seeded(0.6, 20, 0.95, 3))
+        );
+        let seed_alone = SamplingRequest {
+            seed: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(
+            seed_alone.resolve(&dir).unwrap(),
+            Some(sampling_seeded(0.6, 20, 0.95, 4))
         );
         let override_k = SamplingRequest {
             top_k: Some(5),
