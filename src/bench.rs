@@ -9,14 +9,12 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::BenchArgs;
-use crate::gpu::decoder::median;
+use crate::gpu::decoder::{median, GRAPH_STEPS};
 use crate::gpu::GpuDecoder;
 use crate::model_source;
 
 /// A token id to start from; any valid id does.
 const START_TOKEN: u32 = 785;
-/// Steps per captured CUDA graph.
-const GRAPH_STEPS: usize = 16;
 
 /// Positions the KV cache must hold: the timed steps from the last position,
 /// replayed from graphs of GRAPH_STEPS steps (a whole graph even when
