@@ -725,7 +725,9 @@ impl GpuDecoder {
         let first_output = prompt.len() - 1;
         let start_pos = if batched { first_output } else { 0 };
         self.reset(prompt, prompt.len(), start_pos, Some(eos))?;
-        let events: Vec<CudaEvent> = (0..LOOKAHEAD + 1)
+        // One event per entry that can be pending at once: LOOKAHEAD single
+        // steps, then two graphs behind them, and the one being recorded.
+        let events: Vec<CudaEvent> = (0..LOOKAHEAD + 3)
             .map(|_| {
                 self.device
                     .ctx
@@ -752,20 +754,23 @@ impl GpuDecoder {
         // Whole graphs of GRAPH_STEPS steps where that many are left (the
         // host then learns GRAPH_STEPS tokens at a time, every few ms), two
         // in flight; single steps for the rest, or where the driver cannot
-        // capture. Captured while the GPU runs the prefill.
-        let graph = if total_steps - launched >= 2 * GRAPH_STEPS {
-            self.capture_steps(GRAPH_STEPS).unwrap_or(None)
-        } else {
-            None
-        };
-        let most_queued = if graph.is_some() {
-            2 * GRAPH_STEPS
-        } else {
-            LOOKAHEAD
-        };
+        // capture. The graph is captured once the first token is out (so the
+        // time to it does not include the capture), while the GPU runs the
+        // single steps queued behind it.
+        let mut graph: Option<CudaGraph> = None;
+        let mut capture_pending = total_steps - launched >= 2 * GRAPH_STEPS + LOOKAHEAD;
         let mut queued: usize = pending.iter().map(|&(_, steps, _)| steps).sum(); // launched, not yet reported
         let mut produced = 0;
         'report: while produced < max_new {
+            if capture_pending && produced > 0 {
+                capture_pending = false;
+                graph = self.capture_steps(GRAPH_STEPS).unwrap_or(None);
+            }
+            let most_queued = if graph.is_some() {
+                2 * GRAPH_STEPS
+            } else {
+                LOOKAHEAD
+            };
             while launched < total_steps && queued < most_queued {
                 let steps = match &graph {
                     Some(graph) if total_steps - launched >= GRAPH_STEPS => {
