@@ -309,39 +309,42 @@ mod tests {
             r#"{"do_sample": true, "temperature": 0.6, "top_k": 20, "top_p": 0.95}"#,
         )
         .unwrap();
-        let greedy = SamplingRequest::default();
-        assert_eq!(greedy.resolve(&dir).unwrap(), None);
-        let zero = SamplingRequest {
-            temperature: Some(0.0),
-            ..Default::default()
-        };
-        assert_eq!(zero.resolve(&dir).unwrap(), None);
-        let sample = SamplingRequest {
-            sample: true,
-            seed: Some(3),
-            ..Default::default()
-        };
-        assert_eq!(
-            sample.resolve(&dir).unwrap(),
-            Some(sampling_seeded(0.6, 20, 0.95, 3))
-        );
-        let seed_alone = SamplingRequest {
-            seed: Some(4),
-            ..Default::default()
-        };
-        assert_eq!(
-            seed_alone.resolve(&dir).unwrap(),
-            Some(sampling_seeded(0.6, 20, 0.95, 4))
-        );
-        let override_k = SamplingRequest {
-            top_k: Some(5),
-            seed: Some(3),
-            ..Default::default()
-        };
-        assert_eq!(
-            override_k.resolve(&dir).unwrap(),
-            Some(sampling_seeded(0.6, 5, 0.95, 3))
-        );
+        let cases = [
+            (SamplingRequest::default(), None),
+            (
+                SamplingRequest {
+                    temperature: Some(0.0),
+                    ..Default::default()
+                },
+                None,
+            ),
+            (
+                SamplingRequest {
+                    sample: true,
+                    seed: Some(3),
+                    ..Default::default()
+                },
+                Some(sampling_seeded(0.6, 20, 0.95, 3)),
+            ),
+            (
+                SamplingRequest {
+                    seed: Some(4),
+                    ..Default::default()
+                },
+                Some(sampling_seeded(0.6, 20, 0.95, 4)),
+            ),
+            (
+                SamplingRequest {
+                    top_k: Some(5),
+                    seed: Some(3),
+                    ..Default::default()
+                },
+                Some(sampling_seeded(0.6, 5, 0.95, 3)),
+            ),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(request.resolve(&dir).unwrap(), expected, "{request:?}");
+        }
         for (bad, what) in [
             (
                 SamplingRequest {
