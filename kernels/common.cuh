@@ -377,6 +377,10 @@ __device__ __forceinline__ unsigned long long argmax_key(float logit, unsigned i
 __device__ __forceinline__ unsigned int argmax_key_id(unsigned long long key) {
     return 0xffffffffu - (unsigned int)(key & 0xffffffffu);
 }
+__device__ __forceinline__ float argmax_key_logit(unsigned long long key) {
+    const unsigned int ordered = (unsigned int)(key >> 32);
+    return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
+}
 __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long k) {
 #pragma unroll
     for (int offset = WARP / 2; offset > 0; offset /= 2) {

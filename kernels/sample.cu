@@ -36,12 +36,6 @@ struct SampleParams {
     float top_p;         // (0, 1]
 };
 
-// The logit an argmax_key holds.
-__device__ __forceinline__ float key_logit(unsigned long long key) {
-    const unsigned int ordered = (unsigned int)(key >> 32);
-    return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
-}
-
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     z += 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -133,19 +127,19 @@ __device__ void warp_merge(const unsigned long long* lists, int n, int k, unsign
 // token), and the first token whose running mass passes u times the kept
 // mass. src/sampling.rs's `choose` is the same, step for step.
 __device__ unsigned int choose(const unsigned long long* keys, int k, float temperature, float top_p, float u) {
-    const float top = key_logit(keys[0]) / temperature;
+    const float top = argmax_key_logit(keys[0]) / temperature;
     float total = 0.f;
-    for (int i = 0; i < k; ++i) total += expf(key_logit(keys[i]) / temperature - top);
+    for (int i = 0; i < k; ++i) total += expf(argmax_key_logit(keys[i]) / temperature - top);
     float kept_mass = 0.f;
     int kept = 0;
     while (kept < k && (kept == 0 || kept_mass < top_p * total)) {
-        kept_mass += expf(key_logit(keys[kept]) / temperature - top);
+        kept_mass += expf(argmax_key_logit(keys[kept]) / temperature - top);
         ++kept;
     }
     const float target = u * kept_mass;
     float running = 0.f;
     for (int i = 0; i < kept; ++i) {
-        running += expf(key_logit(keys[i]) / temperature - top);
+        running += expf(argmax_key_logit(keys[i]) / temperature - top);
         if (target < running) return argmax_key_id(keys[i]);
     }
     return argmax_key_id(keys[kept - 1]);

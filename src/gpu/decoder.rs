@@ -581,7 +581,6 @@ impl GpuDecoder {
     /// head then writes the logits and the sampler (kernels/sample.cu) picks
     /// the token and advances the token loop.
     pub fn set_sampling(&mut self, sampling: Option<Sampling>) -> Result<()> {
-        let blocks = self.vocab.div_ceil(SAMPLE_SLICE);
         if let Some(s) = sampling.filter(|s| s.top_k > self.vocab) {
             bail!(
                 "--top-k {} is more than the vocabulary's {} tokens",
@@ -589,7 +588,7 @@ impl GpuDecoder {
                 self.vocab
             );
         }
-        if sampling.is_some() && blocks > SAMPLE_MAX_BLOCKS {
+        if sampling.is_some() && self.sample_blocks() > SAMPLE_MAX_BLOCKS {
             bail!(
                 "sampling on the GPU handles vocabularies of up to {} tokens, this one has {}; use greedy decoding or --device cpu",
                 SAMPLE_SLICE * SAMPLE_MAX_BLOCKS,
@@ -599,7 +598,7 @@ impl GpuDecoder {
         self.sample_params = sampling.map(|s| SampleParams {
             logits: ptr(&self.logits, &self.stream),
             candidates: ptr(&self.sample_candidates, &self.stream),
-            blocks_done: self.lm_params.blocks_done + 4,
+            blocks_done: self.lm_params.blocks_done + 4, // the counter word after the LM head's
             state: self.lm_params.state,
             tokens: self.lm_params.tokens,
             predicted: self.lm_params.predicted,
@@ -612,6 +611,11 @@ impl GpuDecoder {
             top_p: s.top_p,
         });
         Ok(())
+    }
+
+    /// The sampler's grid: a block per SAMPLE_SLICE logits.
+    fn sample_blocks(&self) -> usize {
+        self.vocab.div_ceil(SAMPLE_SLICE)
     }
 
     /// The LM head, and the sampler after it when sampling.
@@ -631,7 +635,7 @@ impl GpuDecoder {
         unsafe { launch.launch(cfg) }.context("LM-head kernel launch failed")?;
         if let Some(sample) = &self.sample_params {
             let cfg = LaunchConfig {
-                grid_dim: (self.vocab.div_ceil(SAMPLE_SLICE) as u32, 1, 1),
+                grid_dim: (self.sample_blocks() as u32, 1, 1),
                 block_dim: (SAMPLE_THREADS as u32, 1, 1),
                 shared_mem_bytes: SAMPLE_SMEM_BYTES as u32,
             };
