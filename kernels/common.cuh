@@ -381,13 +381,15 @@ __device__ __forceinline__ float argmax_key_logit(unsigned long long key) {
     const unsigned int ordered = (unsigned int)(key >> 32);
     return __uint_as_float((ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered);
 }
-__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long k) {
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2) {
-        const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, offset);
-        k = other > k ? other : k;
-    }
-    return k;
+// The warp's largest key, in every lane, by two warp reductions of 32 bits
+// (redux.sync, an instruction each) instead of five rounds of 64-bit
+// shuffles: the largest high half (the logit's order), then the largest low
+// half among the lanes that hold it (the lowest id).
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
+    const unsigned int high = (unsigned int)(key >> 32);
+    const unsigned int top = __reduce_max_sync(0xffffffffu, high);
+    const unsigned int low = __reduce_max_sync(0xffffffffu, high == top ? (unsigned int)key : 0u);
+    return ((unsigned long long)top << 32) | low;
 }
 
 }  // namespace qmk

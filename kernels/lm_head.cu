@@ -37,13 +37,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) lm_head(const LmHeadParams
 
     if (p.state->done) return;  // nobody writes `done` until every block has passed here
 
-    rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);
-
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     constexpr int SLICES = HIDDEN / (8 * WARP);
     constexpr int R = 2;  // rows per warp at a time: 8 loads of 16 bytes in flight per lane
     int begin, end;
     split_range((int)p.vocab, blockIdx.x, gridDim.x, begin, end);
+    rms_norm_to_shared<THREADS, HIDDEN>(CoherentF32{p.x}, p.final_norm, p.eps, normed, scratch);
+
     unsigned long long best = 0;  // below every real key
     for (int row = begin + warp * R; row < end; row += WARPS * R) {
         uint4 w[R][SLICES];

@@ -63,17 +63,6 @@ __device__ __forceinline__ void order(unsigned long long& a, unsigned long long&
     }
 }
 
-// The warp's largest key by two warp reductions of 32 bits (redux.sync, an
-// instruction each) instead of five rounds of 64-bit shuffles: the largest
-// high half (the logit's order), then the largest low half among the lanes
-// that hold it (the lowest id). Each of the k rounds below waits on it.
-__device__ __forceinline__ unsigned long long warp_max_key_redux(unsigned long long key) {
-    const unsigned int high = (unsigned int)(key >> 32);
-    const unsigned int top = __reduce_max_sync(0xffffffffu, high);
-    const unsigned int low = __reduce_max_sync(0xffffffffu, high == top ? (unsigned int)key : 0u);
-    return ((unsigned long long)top << 32) | low;
-}
-
 // The warp's k largest of its lanes' PER_LANE keys each, largest first, into
 // out[0..k): k rounds of a warp-wide max over the lanes' largest remaining
 // key, the lane that held it moving on to its next.
@@ -85,7 +74,7 @@ __device__ void warp_top_k(unsigned long long (&r)[PER_LANE], int k, unsigned lo
     order(r[1], r[2]);
     const int lane = threadIdx.x % WARP;
     for (int i = 0; i < k; ++i) {
-        const unsigned long long best = warp_max_key_redux(r[0]);
+        const unsigned long long best = warp_max_key(r[0]);
         if (lane == 0) out[i] = best;
         if (lane == __ffs(__ballot_sync(0xffffffffu, r[0] == best)) - 1) {
 #pragma unroll
@@ -113,7 +102,7 @@ __device__ void warp_merge(const unsigned long long* lists, int n, int k, unsign
                 from = j;
             }
         }
-        const unsigned long long best = warp_max_key_redux(mine);
+        const unsigned long long best = warp_max_key(mine);
         if (lane == 0) out[i] = best;
         if (lane == __ffs(__ballot_sync(0xffffffffu, mine == best)) - 1) {
 #pragma unroll
