@@ -1,4 +1,4 @@
-//! The command line: `generate`, `bench`, `parity`, `synth`.
+//! The command line: `generate`, `chat`, `bench`, `parity`, `synth`.
 
 use std::path::PathBuf;
 
@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text from a prompt (greedy), streaming it as it decodes.
     Generate(GenerateArgs),
+    /// Talk with the model: one message a line on stdin, each answer
+    /// streamed (sampled with the checkpoint's settings; --temperature 0
+    /// for greedy). /clear starts over, /exit or end of input ends.
+    Chat(ChatArgs),
     /// Measure decode speed on the GPU against the memory-bandwidth floor.
     Bench(BenchArgs),
     /// Check the GPU kernels against a transformers reference file.
@@ -83,6 +87,13 @@ pub struct GenerateArgs {
     /// likely one. Any of the four below implies it.
     #[arg(long)]
     pub sample: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// Sampling settings over the checkpoint's generation_config.json.
+#[derive(Args, Clone, Copy)]
+pub struct SamplingArgs {
     /// Sampling temperature (0: greedy).
     #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
@@ -97,16 +108,43 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
 }
 
-impl GenerateArgs {
-    pub fn sampling_request(&self) -> crate::sampling::SamplingRequest {
+impl SamplingArgs {
+    /// What these settings ask for; `sample`: whether to sample even if none is given.
+    pub fn request(&self, sample: bool) -> crate::sampling::SamplingRequest {
         crate::sampling::SamplingRequest {
-            sample: self.sample,
+            sample,
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             seed: self.seed,
         }
     }
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system message for the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Ask Qwen3 to answer without its <think> block.
+    #[arg(long)]
+    pub no_think: bool,
+    /// Stop each answer after this many tokens (or at an end-of-sequence token).
+    #[arg(long, default_value_t = 2048)]
+    pub max_new_tokens: usize,
+    /// Positions the conversation may fill (default: the model's context).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Where to run: the fused CUDA kernels, or the (slow) CPU reference.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cuda)]
+    pub device: DeviceKind,
+    /// Print one JSON object a turn (ids, text, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Args)]

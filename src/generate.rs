@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
-use crate::chat::{ChatTemplate, Message};
+use crate::chat_template::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{DeviceKind, GenerateArgs};
 use crate::config::eos_token_ids;
@@ -53,7 +53,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             args.max_new_tokens
         );
     }
-    let sampling = args.sampling_request().resolve(&dir)?;
+    let sampling = args.sampling.request(args.sample).resolve(&dir)?;
     let eos = if args.ignore_eos {
         Vec::new()
     } else {
@@ -71,35 +71,19 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    // `prompt_note` says how the prompt went in, when not by batched prefill.
-    let (device_name, load_ms, first_token_ms, rest_ms, prompt_note) = match args.device {
-        DeviceKind::Cuda => {
-            let context = prompt_ids.len() + args.max_new_tokens;
-            let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
-            decoder.set_sampling(sampling)?;
-            let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-            let batched = !args.token_by_token
-                && prompt_ids.len() >= PREFILL_MIN_TOKENS
-                && prefill_available(&decoder);
-            let (first, rest) =
-                decoder.generate(&prompt_ids, args.max_new_tokens, &eos, batched, &mut emit)?;
-            let note = if batched { "" } else { ", one at a time" };
-            (decoder.device.name.clone(), load_ms, first, rest, note)
-        }
-        DeviceKind::Cpu => {
-            let model = CpuModel::load(&checkpoint);
-            let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
-            let (first, rest) = cpu_generate(
-                &model,
-                &prompt_ids,
-                args.max_new_tokens,
-                &eos,
-                sampling,
-                &mut emit,
-            )?;
-            ("cpu".to_string(), load_ms, first, rest, "")
-        }
-    };
+    let context = prompt_ids.len() + args.max_new_tokens;
+    let mut backend = Backend::open(
+        &checkpoint,
+        args.device,
+        args.model.gpu,
+        context,
+        sampling,
+        !args.token_by_token,
+    )?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let turn = backend.generate(&prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
+    let (first_token_ms, rest_ms) = (turn.first_token_ms, turn.rest_ms);
+    let (device_name, prompt_note) = (backend.device_name(), turn.prompt_note);
     drop(stdout);
 
     let hit_eos = generated.last().is_some_and(|t| eos.contains(t));
@@ -148,13 +132,99 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where tokens are generated: the GPU kernels or the CPU reference, with
+/// the decoding (greedy or sampled) chosen once.
+pub enum Backend {
+    Gpu {
+        decoder: Box<GpuDecoder>,
+        /// Whether prompts of PREFILL_MIN_TOKENS or more go through batched
+        /// prefill (else one token at a time, through the decode kernel).
+        batched: bool,
+    },
+    Cpu {
+        model: Box<CpuModel>,
+        sampling: Option<Sampling>,
+    },
+}
+
+/// One call of `Backend::generate`: milliseconds to the first token and for
+/// the rest, and how the prompt went in when not by batched prefill.
+pub struct Timings {
+    pub first_token_ms: f64,
+    pub rest_ms: f64,
+    pub prompt_note: &'static str,
+}
+
+impl Backend {
+    /// Loads `checkpoint` for sequences of up to `context` positions.
+    /// `batched`: feed prompts through batched prefill where it can run.
+    pub fn open(
+        checkpoint: &Checkpoint,
+        device: DeviceKind,
+        gpu: usize,
+        context: usize,
+        sampling: Option<Sampling>,
+        batched: bool,
+    ) -> Result<Self> {
+        Ok(match device {
+            DeviceKind::Cuda => {
+                let mut decoder = GpuDecoder::new(checkpoint, context, gpu)?;
+                decoder.set_sampling(sampling)?;
+                let batched = batched && prefill_available(&decoder);
+                Backend::Gpu {
+                    decoder: Box::new(decoder),
+                    batched,
+                }
+            }
+            DeviceKind::Cpu => Backend::Cpu {
+                model: Box::new(CpuModel::load(checkpoint)),
+                sampling,
+            },
+        })
+    }
+
+    pub fn device_name(&self) -> String {
+        match self {
+            Backend::Gpu { decoder, .. } => decoder.device.name.clone(),
+            Backend::Cpu { .. } => "cpu".to_string(),
+        }
+    }
+
+    /// Generates after `prompt` until an `eos` token or `max_new` tokens,
+    /// calling `on_token` with each as soon as it is known.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_new: usize,
+        eos: &[u32],
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Timings> {
+        let (first_token_ms, rest_ms, prompt_note) = match self {
+            Backend::Gpu { decoder, batched } => {
+                let batched = *batched && prompt.len() >= PREFILL_MIN_TOKENS;
+                let (first, rest) = decoder.generate(prompt, max_new, eos, batched, on_token)?;
+                (first, rest, if batched { "" } else { ", one at a time" })
+            }
+            Backend::Cpu { model, sampling } => {
+                let (first, rest) = cpu_generate(model, prompt, max_new, eos, *sampling, on_token)?;
+                (first, rest, "")
+            }
+        };
+        Ok(Timings {
+            first_token_ms,
+            rest_ms,
+            prompt_note,
+        })
+    }
+}
+
 /// Whether batched prefill can run; when it cannot, says why on stderr (the
 /// prompt then goes through the decode kernel one token at a time).
 fn prefill_available(decoder: &GpuDecoder) -> bool {
     match decoder.prefill_unavailable() {
         None => true,
         Some(why) => {
-            eprintln!("note: {why}; the prompt goes one token at a time");
+            eprintln!("note: {why}; prompts go one token at a time");
             false
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

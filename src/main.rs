@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use qwen_mk::cli::{Cli, Command};
-use qwen_mk::{bench, generate, parity, synthetic};
+use qwen_mk::{bench, chat, generate, parity, synthetic};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Chat(args) => chat::run(args).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => match parity::run(args) {
             Ok(true) => Ok(ExitCode::SUCCESS),

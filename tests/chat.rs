@@ -4,7 +4,7 @@
 
 mod common;
 
-use qwen_mk::chat::{ChatTemplate, Message};
+use qwen_mk::chat_template::{ChatTemplate, Message};
 use qwen_mk::tokenizer::Tokenizer;
 
 #[test]
@@ -79,4 +79,145 @@ fn chat_flags_reach_the_prompt() {
         "--no-think",
     ]);
     assert!(!out.status.success());
+}
+
+/// Runs `qwen-mk chat --json` on the CPU backend of `dir` with `input` on
+/// stdin; returns (exit status, the JSON line of each turn, stderr).
+fn chat(
+    dir: &std::path::Path,
+    extra: &[&str],
+    input: &str,
+) -> (std::process::ExitStatus, Vec<serde_json::Value>, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-mk"))
+        .args([
+            "chat",
+            "--model",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--json",
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qwen-mk chat");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let turns = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a turn"))
+        .collect();
+    (
+        out.status,
+        turns,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn chat_carries_the_conversation_and_clear_starts_over() {
+    let dir = common::tiny_checkpoint(1, true);
+    let greedy = ["--temperature", "0", "--max-new-tokens", "4"];
+    let (status, turns, stderr) = chat(
+        dir.path(),
+        &greedy,
+        "What is 2+2?\n\nand 3+3?\n/clear\nWhat is 2+2?\n/exit\nnever read\n",
+    );
+    assert!(status.success(), "{stderr}");
+    assert_eq!(turns.len(), 3, "{stderr}");
+    // Turn 2's prompt is the whole conversation so far, as the template
+    // renders it (tested against transformers above).
+    let template = ChatTemplate::from_model_dir(dir.path()).unwrap();
+    let tokenizer = Tokenizer::from_model_dir(dir.path()).unwrap();
+    let tokens = |messages: &[Message]| {
+        tokenizer
+            .encode(&template.render(messages, None).unwrap())
+            .unwrap()
+            .len() as u64
+    };
+    let first = Message::new("user", "What is 2+2?");
+    let answer = Message::new("assistant", turns[0]["text"].as_str().unwrap());
+    assert_eq!(
+        turns[0]["prompt_tokens"],
+        tokens(std::slice::from_ref(&first))
+    );
+    assert_eq!(
+        turns[1]["prompt_tokens"],
+        tokens(&[first.clone(), answer, Message::new("user", "and 3+3?")])
+    );
+    // After /clear the same question starts a new conversation, and greedy
+    // decoding gives the same answer, which `generate --chat` also gives.
+    assert_eq!(turns[2]["prompt_tokens"], turns[0]["prompt_tokens"]);
+    assert_eq!(turns[2]["generated_ids"], turns[0]["generated_ids"]);
+    let report = common::generate_json(&[
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "What is 2+2?",
+        "--chat",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(report["generated_ids"], turns[0]["generated_ids"]);
+}
+
+#[test]
+fn chat_refuses_a_message_past_the_context_and_goes_on() {
+    let dir = common::tiny_checkpoint(1, true);
+    let long = "word ".repeat(100);
+    let (status, turns, stderr) = chat(
+        dir.path(),
+        &["--context", "48", "--max-new-tokens", "2", "--seed", "1"],
+        &format!("{long}\nHi\n"),
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("more than the context of 48") && errors[0].contains("/clear"),
+        "{stderr}"
+    );
+    // The refused message is not part of the conversation: "Hi" is turn 1,
+    // alone.
+    assert_eq!(turns.len(), 1, "{stderr}");
+    assert_eq!(turns[0]["turn"], 1);
+    assert!(turns[0]["prompt_tokens"].as_u64().unwrap() < 20);
+    assert_eq!(common::ids(&turns[0]["generated_ids"]).len(), 2);
+}
+
+#[test]
+fn chat_settings_out_of_range_are_one_line_errors() {
+    let dir = common::tiny_checkpoint(1, true);
+    let model = dir.path().to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--context", "1"], "--context must be between 2 and"),
+        (
+            vec!["--context", "1000000"],
+            "--context must be between 2 and",
+        ),
+        (
+            vec!["--context", "64", "--max-new-tokens", "64"],
+            "--max-new-tokens must be between 1 and 63",
+        ),
+        (vec!["--top-k", "0"], "--top-k"),
+    ] {
+        let mut all = vec!["chat", "--model", model, "--device", "cpu"];
+        all.extend_from_slice(&args);
+        common::assert_one_line_error(&common::qwen_mk(&all), needle);
+    }
 }
