@@ -1,6 +1,7 @@
 //! The chat template renders as transformers' apply_chat_template does
 //! (goldens in tests/data/chat_template_goldens.json, made with transformers
-//! 5.17 from assets/qwen3-0.6b).
+//! 5.17 from assets/qwen3-0.6b), and `qwen-mk chat` carries a conversation
+//! through it.
 
 mod common;
 
