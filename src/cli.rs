@@ -55,8 +55,12 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt text; used as is unless --chat.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file instead, as it is (a final newline
+    /// included); `-` reads standard input.
+    #[arg(long, conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,

@@ -2,10 +2,10 @@
 //! GPU kernels or the CPU reference, streamed as text or reported as one
 //! JSON object.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::chat_template::{ChatTemplate, Message};
@@ -20,8 +20,9 @@ use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    if args.prompt.is_empty() {
-        bail!("the prompt is empty; pass some text with --prompt");
+    let prompt = read_prompt(args)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty; pass some text with --prompt or --prompt-file");
     }
     let load_start = Instant::now();
     let dir = model_source::resolve(&args.model.model)?;
@@ -37,10 +38,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system));
         }
-        messages.push(Message::new("user", &args.prompt));
+        messages.push(Message::new("user", &prompt));
         ChatTemplate::from_model_dir(&dir)?.render(&messages, args.no_think.then_some(false))?
     } else {
-        args.prompt.clone()
+        prompt
     };
     let prompt_ids = tokenizer.encode(&prompt_text)?;
     if prompt_ids.is_empty() {
@@ -130,6 +131,28 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt: --prompt's text, or --prompt-file's contents (`-`: stdin).
+fn read_prompt(args: &GenerateArgs) -> Result<String> {
+    let Some(path) = &args.prompt_file else {
+        return Ok(args.prompt.clone().unwrap_or_default());
+    };
+    let text = if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the prompt from standard input (is it UTF-8 text?)")?;
+        text
+    } else {
+        std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the prompt file {} (does it exist, and is it UTF-8 text?)",
+                path.display()
+            )
+        })?
+    };
+    Ok(text)
 }
 
 /// Where tokens are generated: the GPU kernels or the CPU reference, with

@@ -284,6 +284,17 @@ fn cuda_without_a_gpu() {
             assert_one_line_error(&out, "no NVIDIA driver found");
         }
     }
+    // `chat` opens the GPU before it reads a message (stdin is empty here).
+    let out = qwen_mk(&["chat", "--model", dir.path().to_str().unwrap()]);
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert_one_line_error(&out, "no NVIDIA driver found");
+    }
 }
 
 #[test]
