@@ -3,6 +3,9 @@
   check_generate.py truth REF.json GEN.json   greedy ids equal the float32 truth's up to its first near-tie
   check_generate.py eos GEN.json              exactly one generated id, an end-of-sequence id, stop_reason eos
   check_generate.py zeros GEN.json            every generated id is 0 (torch.argmax's tie rule)
+  check_generate.py chat CHAT.jsonl GEN.json  `chat --json --temperature 0` given a message, another, /clear and
+                                              the first again: turn 2's prompt holds turn 1 and its answer, turn 3
+                                              repeats turn 1, and turn 1 is `generate --chat --json` of that message
 Exit 0 when the check holds, 1 otherwise.
 """
 import json
@@ -32,6 +35,17 @@ def main(argv):
         ids = json.load(open(argv[2]))["generated_ids"]
         ok = len(ids) > 0 and all(i == 0 for i in ids)
         print(f"all-ties head: generated {ids}: {'PASS' if ok else 'FAIL'}")
+    elif kind == "chat":
+        turns = [json.loads(line) for line in open(argv[2])]
+        gen = json.load(open(argv[3]))
+        ok = (len(turns) == 3
+              and turns[0]["generated_ids"] == gen["generated_ids"]
+              and turns[0]["prompt_tokens"] == len(gen["prompt_ids"])
+              and turns[1]["prompt_tokens"] >= turns[0]["prompt_tokens"] + len(turns[0]["generated_ids"])
+              and turns[2]["generated_ids"] == turns[0]["generated_ids"])
+        firsts = ", ".join(f"{t['timings']['first_token_ms']:.1f}" for t in turns)
+        print(f"chat: {len(turns)} turns, prompts {[t['prompt_tokens'] for t in turns]} tokens, first tokens after "
+              f"{firsts} ms: {'PASS' if ok else 'FAIL'}")
     else:
         raise SystemExit(f"unknown check {kind}")
     return 0 if ok else 1

@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-prefill generate heads bench bench-max variants peers peers-prefill
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-prefill generate chat heads bench bench-max variants peers peers-prefill
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -81,6 +81,12 @@ for step in "${steps[@]}"; do
         run generate 90 "$BIN" generate --model $M06 --prompt "$prompt" --max-new-tokens 128 --ignore-eos
         "$BIN" generate --model $M06 --prompt "$prompt" --max-new-tokens 128 --ignore-eos --json > "$OUT/generate.json"
         run generate-check 30 python3 scripts/check_generate.py truth "$ref" "$OUT/generate.json" ;;
+    chat)
+        # A conversation, greedy: a message, another, /clear, the first again (check_generate.py chat).
+        q="What is the capital of France?"
+        printf '%s\nTell me more.\n/clear\n%s\n' "$q" "$q" | "$BIN" chat --model $M06 --json --temperature 0 --max-new-tokens 32 > /tmp/chat.jsonl
+        "$BIN" generate --model $M06 --chat --prompt "$q" --max-new-tokens 32 --json > /tmp/chat-generate.json
+        run check-chat 30 python3 scripts/check_generate.py chat /tmp/chat.jsonl /tmp/chat-generate.json ;;
     heads)
         # The argmax test heads: an EOS id must win (and stop generation); all-ties must give id 0.
         run synth-eos 120 "$BIN" synth --out models/eos-wins --shape 0.6b --head eos-wins
