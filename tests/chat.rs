@@ -89,30 +89,16 @@ fn chat(
     extra: &[&str],
     input: &str,
 ) -> (std::process::ExitStatus, Vec<serde_json::Value>, String) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-mk"))
-        .args([
-            "chat",
-            "--model",
-            dir.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--json",
-        ])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run qwen-mk chat");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut args = vec![
+        "chat",
+        "--model",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let out = common::qwen_mk_with_stdin(&args, input);
     let turns = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object a turn"))

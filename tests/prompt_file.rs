@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 #[test]
 fn a_prompt_file_and_stdin_give_what_the_same_prompt_gives() {
     let dir = common::tiny_checkpoint(2, true);
@@ -24,21 +21,9 @@ fn a_prompt_file_and_stdin_give_what_the_same_prompt_gives() {
     assert_eq!(from_file["prompt_ids"], expected["prompt_ids"]);
     assert_eq!(from_file["generated_ids"], expected["generated_ids"]);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-mk"))
-        .args(["generate", "--model", model, "--prompt-file", "-", "--json"])
-        .args(settings)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut from_stdin = vec!["generate", "--model", model, "--prompt-file", "-", "--json"];
+    from_stdin.extend_from_slice(&settings);
+    let out = common::qwen_mk_with_stdin(&from_stdin, text);
     assert!(
         out.status.success(),
         "{}",

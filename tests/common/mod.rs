@@ -46,6 +46,26 @@ pub fn qwen_mk(args: &[&str]) -> Output {
         .expect("run qwen-mk")
 }
 
+/// Runs the qwen-mk binary with `input` on its standard input.
+pub fn qwen_mk_with_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qwen-mk"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qwen-mk");
+    child
+        .stdin
+        .take()
+        .expect("a pipe to its stdin")
+        .write_all(input.as_bytes())
+        .expect("write its stdin");
+    child.wait_with_output().expect("wait for qwen-mk")
+}
+
 /// Asserts a failed run: non-zero exit, exactly one line on stderr that
 /// contains `needle`, no panic.
 pub fn assert_one_line_error(output: &Output, needle: &str) {
