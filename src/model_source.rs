@@ -10,12 +10,18 @@ use hf_hub::{Cache, Repo};
 
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-0.6B";
 
-const MODEL_FILES: [&str; 4] = [
+/// Every file of a checkpoint qwen-mk reads, which a download fetches:
+/// tokenizer_config.json holds the chat template (`--chat`, `chat`).
+pub const MODEL_FILES: [&str; 5] = [
     "config.json",
     "generation_config.json",
     "tokenizer.json",
+    "tokenizer_config.json",
     "model.safetensors",
 ];
+/// Fetched where the repo has it: the chat template as transformers 5
+/// writes it, which qwen-mk prefers to tokenizer_config.json's.
+pub const OPTIONAL_MODEL_FILES: [&str; 1] = ["chat_template.jinja"];
 
 /// A directory holding the checkpoint, downloading it first when `model`
 /// is a repo id rather than a path.
@@ -65,6 +71,10 @@ fn download(repo_id: &str) -> Result<PathBuf> {
             )
         })?;
         dir = path.parent().map(Path::to_path_buf);
+    }
+    for file in OPTIONAL_MODEL_FILES {
+        // Most repos have none: a failure here only means there is none.
+        let _ = repo.get(file);
     }
     dir.context("hf-hub returned no path")
 }

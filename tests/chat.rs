@@ -208,3 +208,29 @@ fn chat_settings_out_of_range_are_one_line_errors() {
         common::assert_one_line_error(&common::qwen_mk(&all), needle);
     }
 }
+
+#[test]
+fn the_files_a_download_fetches_are_enough_for_chat() {
+    // What `--model <repo id>` fetches with hf-hub (model_source.rs), and
+    // nothing else: the chat template must be among it.
+    let full = common::tiny_checkpoint(1, true);
+    let fetched = tempfile::tempdir().unwrap();
+    for file in qwen_mk::model_source::MODEL_FILES {
+        std::fs::copy(full.path().join(file), fetched.path().join(file)).unwrap();
+    }
+    let report = common::generate_json(&[
+        "--model",
+        fetched.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--max-new-tokens",
+        "1",
+    ]);
+    assert_eq!(
+        report["prompt"],
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
