@@ -1,8 +1,12 @@
-"""Checks `qwen-mk generate --json` output on the device (no cargo there).
+"""Checks `qwen-mk generate --json` output (on the device, which has no cargo,
+or by a user with the real weights).
 
   check_generate.py truth REF.json GEN.json   greedy ids equal the float32 truth's up to its first near-tie
   check_generate.py eos GEN.json              exactly one generated id, an end-of-sequence id, stop_reason eos
   check_generate.py zeros GEN.json            every generated id is 0 (torch.argmax's tie rule)
+  check_generate.py golden GOLDEN.json GEN.json
+                                              the real checkpoint's greedy ids (assets/qwen3-0.6b/
+                                              real-model-golden.json) as far as its published runs agree
   check_generate.py chat CHAT.jsonl GEN.json  `chat --json --temperature 0` given a message, another, /clear and
                                               the first again: turn 2's prompt holds turn 1 and its answer, turn 3
                                               repeats turn 1, and turn 1 is `generate --chat --json` of that message
@@ -35,6 +39,14 @@ def main(argv):
         ids = json.load(open(argv[2]))["generated_ids"]
         ok = len(ids) > 0 and all(i == 0 for i in ids)
         print(f"all-ties head: generated {ids}: {'PASS' if ok else 'FAIL'}")
+    elif kind == "golden":
+        golden, gen = json.load(open(argv[2])), json.load(open(argv[3]))
+        runs = [r["generated_ids"] for r in golden["runs"]]
+        agreed = next((i for i in range(min(map(len, runs))) if len({r[i] for r in runs}) > 1), min(map(len, runs)))
+        ours = gen["generated_ids"]
+        ok = gen["prompt_ids"] == golden["prompt_ids"] and ours[:agreed] == runs[0][:agreed]
+        print(f"real checkpoint: the published runs agree on {agreed} ids {runs[0][:agreed]}, qwen-mk gave "
+              f"{ours[:agreed]}: {'PASS' if ok else 'FAIL'}")
     elif kind == "chat":
         turns = [json.loads(line) for line in open(argv[2])]
         gen = json.load(open(argv[3]))
