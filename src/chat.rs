@@ -141,6 +141,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 "generated_ids": answer,
                 "text": text,
                 "stop_reason": if hit_eos { "eos" } else { "max_new_tokens" },
+                "decoding": crate::sampling::describe(sampling),
                 "timings": {
                     "first_token_ms": timings.first_token_ms,
                     "decode_ms": timings.rest_ms,

@@ -103,10 +103,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "generated_ids": generated,
             "text": tokenizer.decode(&generated)?,
             "stop_reason": if hit_eos { "eos" } else { "max_new_tokens" },
-            "decoding": match sampling {
-                None => json!("greedy"),
-                Some(s) => json!({"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}),
-            },
+            "decoding": crate::sampling::describe(sampling),
             "timings": {
                 "load_ms": load_ms,
                 "first_token_ms": first_token_ms,

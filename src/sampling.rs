@@ -54,6 +54,16 @@ impl SamplingRequest {
     }
 }
 
+/// How tokens are picked, as `generate --json` and `chat --json` report it.
+pub fn describe(sampling: Option<Sampling>) -> serde_json::Value {
+    match sampling {
+        None => serde_json::json!("greedy"),
+        Some(s) => serde_json::json!({
+            "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed
+        }),
+    }
+}
+
 impl Sampling {
     fn check(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {

@@ -121,6 +121,7 @@ fn chat_carries_the_conversation_and_clear_starts_over() {
     );
     assert!(status.success(), "{stderr}");
     assert_eq!(turns.len(), 3, "{stderr}");
+    assert_eq!(turns[0]["decoding"], "greedy");
     // Turn 2's prompt is the whole conversation so far, as the template
     // renders it (tested against transformers above).
     let template = ChatTemplate::from_model_dir(dir.path()).unwrap();
@@ -183,6 +184,9 @@ fn chat_refuses_a_message_past_the_context_and_goes_on() {
     // alone.
     assert_eq!(turns.len(), 1, "{stderr}");
     assert_eq!(turns[0]["turn"], 1);
+    // Sampled by default, with the checkpoint's settings and the seed given.
+    assert_eq!(turns[0]["decoding"]["seed"], 1);
+    assert_eq!(turns[0]["decoding"]["top_k"], 20);
     assert!(turns[0]["prompt_tokens"].as_u64().unwrap() < 20);
     assert_eq!(common::ids(&turns[0]["generated_ids"]).len(), 2);
 }
