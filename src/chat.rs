@@ -16,11 +16,11 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::json;
 
+use crate::backend::Backend;
 use crate::chat_template::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
 use crate::cli::ChatArgs;
 use crate::config::eos_token_ids;
-use crate::generate::Backend;
 use crate::model_source;
 use crate::tokenizer::Tokenizer;
 

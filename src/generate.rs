@@ -8,15 +8,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::backend::Backend;
 use crate::chat_template::{ChatTemplate, Message};
 use crate::checkpoint::Checkpoint;
-use crate::cli::{DeviceKind, GenerateArgs};
+use crate::cli::GenerateArgs;
 use crate::config::eos_token_ids;
-use crate::cpu_reference::{argmax, CpuModel, KvCache};
-use crate::gpu::decoder::PREFILL_MIN_TOKENS;
-use crate::gpu::GpuDecoder;
 use crate::model_source;
-use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -150,139 +147,4 @@ fn read_prompt(args: &GenerateArgs) -> Result<String> {
         })?
     };
     Ok(text)
-}
-
-/// Where tokens are generated: the GPU kernels or the CPU reference, with
-/// the decoding (greedy or sampled) chosen once.
-pub enum Backend {
-    Gpu {
-        decoder: Box<GpuDecoder>,
-        /// Whether prompts of PREFILL_MIN_TOKENS or more go through batched
-        /// prefill (else one token at a time, through the decode kernel).
-        batched: bool,
-    },
-    Cpu {
-        model: Box<CpuModel>,
-        sampling: Option<Sampling>,
-    },
-}
-
-/// One call of `Backend::generate`: milliseconds to the first token and for
-/// the rest, and how the prompt went in when not by batched prefill.
-pub struct Timings {
-    pub first_token_ms: f64,
-    pub rest_ms: f64,
-    pub prompt_note: &'static str,
-}
-
-impl Backend {
-    /// Loads `checkpoint` for sequences of up to `context` positions.
-    /// `batched`: feed prompts through batched prefill where it can run.
-    pub fn open(
-        checkpoint: &Checkpoint,
-        device: DeviceKind,
-        gpu: usize,
-        context: usize,
-        sampling: Option<Sampling>,
-        batched: bool,
-    ) -> Result<Self> {
-        Ok(match device {
-            DeviceKind::Cuda => {
-                let mut decoder = GpuDecoder::new(checkpoint, context, gpu)?;
-                decoder.set_sampling(sampling)?;
-                let batched = batched && prefill_available(&decoder);
-                Backend::Gpu {
-                    decoder: Box::new(decoder),
-                    batched,
-                }
-            }
-            DeviceKind::Cpu => Backend::Cpu {
-                model: Box::new(CpuModel::load(checkpoint)),
-                sampling,
-            },
-        })
-    }
-
-    pub fn device_name(&self) -> String {
-        match self {
-            Backend::Gpu { decoder, .. } => decoder.device.name.clone(),
-            Backend::Cpu { .. } => "cpu".to_string(),
-        }
-    }
-
-    /// Generates after `prompt` until an `eos` token or `max_new` tokens,
-    /// calling `on_token` with each as soon as it is known.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        max_new: usize,
-        eos: &[u32],
-        on_token: impl FnMut(u32) -> Result<()>,
-    ) -> Result<Timings> {
-        let (first_token_ms, rest_ms, prompt_note) = match self {
-            Backend::Gpu { decoder, batched } => {
-                let batched = *batched && prompt.len() >= PREFILL_MIN_TOKENS;
-                let (first, rest) = decoder.generate(prompt, max_new, eos, batched, on_token)?;
-                (first, rest, if batched { "" } else { ", one at a time" })
-            }
-            Backend::Cpu { model, sampling } => {
-                let (first, rest) = cpu_generate(model, prompt, max_new, eos, *sampling, on_token)?;
-                (first, rest, "")
-            }
-        };
-        Ok(Timings {
-            first_token_ms,
-            rest_ms,
-            prompt_note,
-        })
-    }
-}
-
-/// Whether batched prefill can run; when it cannot, says why on stderr (the
-/// prompt then goes through the decode kernel one token at a time).
-fn prefill_available(decoder: &GpuDecoder) -> bool {
-    match decoder.prefill_unavailable() {
-        None => true,
-        Some(why) => {
-            eprintln!("note: {why}; prompts go one token at a time");
-            false
-        }
-    }
-}
-
-/// Decoding on the CPU reference, greedy or sampled; returns the same
-/// timings as the GPU path.
-pub fn cpu_generate(
-    model: &CpuModel,
-    prompt: &[u32],
-    max_new: usize,
-    eos: &[u32],
-    sampling: Option<Sampling>,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<(f64, f64)> {
-    let start = Instant::now();
-    let mut cache = KvCache::new(&model.config);
-    let mut logits = Vec::new();
-    for &token in prompt {
-        logits = model.forward(token, &mut cache, None);
-    }
-    let mut first_token_ms = 0.0;
-    for i in 0..max_new {
-        // The draw of the token after position prompt.len() - 1 + i, as the
-        // GPU's sampler numbers it.
-        let token = match &sampling {
-            None => argmax(&logits) as u32,
-            Some(s) => s.sample(&logits, prompt.len() - 1 + i),
-        };
-        if i == 0 {
-            first_token_ms = start.elapsed().as_secs_f64() * 1e3;
-        }
-        on_token(token)?;
-        if eos.contains(&token) || i + 1 == max_new {
-            break;
-        }
-        logits = model.forward(token, &mut cache, None);
-    }
-    let total = start.elapsed().as_secs_f64() * 1e3;
-    Ok((first_token_ms, total - first_token_ms))
 }

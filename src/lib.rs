@@ -2,6 +2,7 @@
 //! decode step. The library holds everything but the command line, so that
 //! tests can reach the loader, the CPU reference and the checks directly.
 
+pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod chat_template;
