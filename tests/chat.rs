@@ -51,21 +51,25 @@ fn renders_and_tokenizes_like_transformers() {
     }
 }
 
-#[test]
-fn chat_flags_reach_the_prompt() {
-    let dir = common::tiny_checkpoint(1, true);
-    let report = common::generate_json(&[
+/// `generate --chat --json` of `prompt` on the CPU backend of `dir`.
+fn generate_chat_on_cpu(dir: &std::path::Path, prompt: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "--model",
-        dir.path().to_str().unwrap(),
+        dir.to_str().unwrap(),
         "--device",
         "cpu",
         "--prompt",
-        "Hi",
+        prompt,
         "--chat",
-        "--no-think",
-        "--max-new-tokens",
-        "1",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    common::generate_json(&args)
+}
+
+#[test]
+fn chat_flags_reach_the_prompt() {
+    let dir = common::tiny_checkpoint(1, true);
+    let report = generate_chat_on_cpu(dir.path(), "Hi", &["--no-think", "--max-new-tokens", "1"]);
     assert_eq!(
         report["prompt"],
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -146,17 +150,7 @@ fn chat_carries_the_conversation_and_clear_starts_over() {
     // decoding gives the same answer, which `generate --chat` also gives.
     assert_eq!(turns[2]["prompt_tokens"], turns[0]["prompt_tokens"]);
     assert_eq!(turns[2]["generated_ids"], turns[0]["generated_ids"]);
-    let report = common::generate_json(&[
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        "What is 2+2?",
-        "--chat",
-        "--max-new-tokens",
-        "4",
-    ]);
+    let report = generate_chat_on_cpu(dir.path(), "What is 2+2?", &["--max-new-tokens", "4"]);
     assert_eq!(report["generated_ids"], turns[0]["generated_ids"]);
 }
 
@@ -222,17 +216,7 @@ fn the_files_a_download_fetches_are_enough_for_chat() {
     for file in qwen_mk::model_source::MODEL_FILES {
         std::fs::copy(full.path().join(file), fetched.path().join(file)).unwrap();
     }
-    let report = common::generate_json(&[
-        "--model",
-        fetched.path().to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--prompt",
-        "Hi",
-        "--chat",
-        "--max-new-tokens",
-        "1",
-    ]);
+    let report = generate_chat_on_cpu(fetched.path(), "Hi", &["--max-new-tokens", "1"]);
     assert_eq!(
         report["prompt"],
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
