@@ -37,6 +37,17 @@ pub struct Timings {
     pub prompt_note: &'static str,
 }
 
+impl Timings {
+    /// Tokens a second after the first, for `generated` tokens in all.
+    pub fn decode_tokens_per_s(&self, generated: usize) -> f64 {
+        if self.rest_ms > 0.0 {
+            generated.saturating_sub(1) as f64 / (self.rest_ms * 1e-3)
+        } else {
+            0.0
+        }
+    }
+}
+
 impl Backend {
     /// Loads `checkpoint` for sequences of up to `context` positions.
     /// `batched`: feed prompts through batched prefill where it can run.
@@ -114,7 +125,7 @@ fn prefill_available(decoder: &GpuDecoder) -> bool {
 
 /// Decoding on the CPU reference, greedy or sampled; returns the same
 /// timings as the GPU path.
-pub fn cpu_generate(
+fn cpu_generate(
     model: &CpuModel,
     prompt: &[u32],
     max_new: usize,

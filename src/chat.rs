@@ -69,10 +69,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             load_start.elapsed().as_secs_f64(),
             match sampling {
                 None => "greedy".to_string(),
-                Some(s) => format!(
-                    "sampling at temperature {}, top-k {}, top-p {}",
-                    s.temperature, s.top_k, s.top_p
-                ),
+                Some(s) => format!("sampling at {s}"),
             }
         );
     }
@@ -128,12 +125,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         messages.push(Message::new("assistant", &text));
         turn += 1;
 
-        let decode_tokens = answer.len().saturating_sub(1);
-        let tokens_per_s = if timings.rest_ms > 0.0 {
-            decode_tokens as f64 / (timings.rest_ms * 1e-3)
-        } else {
-            0.0
-        };
+        let tokens_per_s = timings.decode_tokens_per_s(answer.len());
         if args.json {
             let report = json!({
                 "turn": turn,

@@ -85,12 +85,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     drop(stdout);
 
     let hit_eos = generated.last().is_some_and(|t| eos.contains(t));
-    let decode_tokens = generated.len().saturating_sub(1);
-    let tokens_per_s = if rest_ms > 0.0 {
-        decode_tokens as f64 / (rest_ms * 1e-3)
-    } else {
-        0.0
-    };
+    let tokens_per_s = turn.decode_tokens_per_s(generated.len());
     if args.json {
         let report = json!({
             "model": dir.display().to_string(),
@@ -116,10 +111,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             generated.len(),
             match sampling {
                 None => String::new(),
-                Some(s) => format!(
-                    " sampled at temperature {}, top-k {}, top-p {}, seed {}",
-                    s.temperature, s.top_k, s.top_p, s.seed
-                ),
+                Some(s) => format!(" sampled at {s}, seed {}", s.seed),
             },
             prompt_ids.len(),
         );

@@ -54,6 +54,18 @@ impl SamplingRequest {
     }
 }
 
+/// The settings, as `generate` and `chat` print them: "temperature 0.6,
+/// top-k 20, top-p 0.95" (the seed apart).
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "temperature {}, top-k {}, top-p {}",
+            self.temperature, self.top_k, self.top_p
+        )
+    }
+}
+
 /// How tokens are picked, as `generate --json` and `chat --json` report it.
 pub fn describe(sampling: Option<Sampling>) -> serde_json::Value {
     match sampling {
