@@ -8,8 +8,10 @@ or by a user with the real weights).
                                               the real checkpoint's greedy ids (assets/qwen3-0.6b/
                                               real-model-golden.json) as far as its published runs agree
   check_generate.py chat CHAT.jsonl GEN.json  `chat --json --temperature 0` given a message, another, /clear and
-                                              the first again: turn 2's prompt holds turn 1 and its answer, turn 3
-                                              repeats turn 1, and turn 1 is `generate --chat --json` of that message
+                                              the first again: turn 1 is `generate --chat --json` of that message;
+                                              turn 2's prompt holds turn 1 and its answer, and turn 1's prompt comes
+                                              from the cache; turn 3 repeats turn 1 with all of its prompt but the
+                                              last position from the cache
 Exit 0 when the check holds, 1 otherwise.
 """
 import json
@@ -50,13 +52,19 @@ def main(argv):
     elif kind == "chat":
         turns = [json.loads(line) for line in open(argv[2])]
         gen = json.load(open(argv[3]))
+        first_prompt = len(gen["prompt_ids"])
         ok = (len(turns) == 3
               and turns[0]["generated_ids"] == gen["generated_ids"]
-              and turns[0]["prompt_tokens"] == len(gen["prompt_ids"])
-              and turns[1]["prompt_tokens"] >= turns[0]["prompt_tokens"] + len(turns[0]["generated_ids"])
+              and turns[0]["prompt_tokens"] == first_prompt
+              and turns[0]["reused_tokens"] == 0
+              and turns[1]["prompt_tokens"] >= first_prompt + len(turns[0]["generated_ids"])
+              # (at least: its last token, a newline, may merge with the answer's first when re-tokenized)
+              and turns[1]["reused_tokens"] >= first_prompt - 1
+              and turns[2]["reused_tokens"] == first_prompt - 1
               and turns[2]["generated_ids"] == turns[0]["generated_ids"])
         firsts = ", ".join(f"{t['timings']['first_token_ms']:.1f}" for t in turns)
-        print(f"chat: {len(turns)} turns, prompts {[t['prompt_tokens'] for t in turns]} tokens, first tokens after "
+        print(f"chat: {len(turns)} turns, prompts {[t['prompt_tokens'] for t in turns]} tokens, "
+              f"{[t['reused_tokens'] for t in turns]} of them from the cache, first tokens after "
               f"{firsts} ms: {'PASS' if ok else 'FAIL'}")
     else:
         raise SystemExit(f"unknown check {kind}")

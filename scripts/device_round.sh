@@ -84,9 +84,12 @@ for step in "${steps[@]}"; do
     chat)
         # A conversation, greedy: a message, another, /clear, the first again (check_generate.py chat).
         q="What is the capital of France?"
-        printf '%s\nTell me more.\n/clear\n%s\n' "$q" "$q" | "$BIN" chat --model $M06 --json --temperature 0 --max-new-tokens 32 > /tmp/chat.jsonl
-        "$BIN" generate --model $M06 --chat --prompt "$q" --max-new-tokens 32 --json > /tmp/chat-generate.json
-        run check-chat 30 python3 scripts/check_generate.py chat /tmp/chat.jsonl /tmp/chat-generate.json ;;
+        # Both ways of feeding a turn's new tokens (batched prefill, one at a time).
+        for way in "" --token-by-token; do
+            printf '%s\nTell me more.\n/clear\n%s\n' "$q" "$q" | "$BIN" chat --model $M06 --json --temperature 0 --max-new-tokens 32 $way > /tmp/chat.jsonl
+            "$BIN" generate --model $M06 --chat --prompt "$q" --max-new-tokens 32 --json $way > /tmp/chat-generate.json
+            run "check-chat${way}" 30 python3 scripts/check_generate.py chat /tmp/chat.jsonl /tmp/chat-generate.json
+        done ;;
     heads)
         # The argmax test heads: an EOS id must win (and stop generation); all-ties must give id 0.
         run synth-eos 120 "$BIN" synth --out models/eos-wins --shape 0.6b --head eos-wins

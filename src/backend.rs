@@ -15,8 +15,16 @@ use crate::gpu::GpuDecoder;
 use crate::sampling::Sampling;
 
 /// Where tokens are generated: the GPU kernels or the CPU reference, with
-/// the decoding (greedy or sampled) chosen once.
-pub enum Backend {
+/// the decoding (greedy or sampled) chosen once. Successive calls of
+/// `generate` reuse the keys and values of the positions where the new
+/// prompt starts as the last sequence did (a chat's earlier turns).
+pub struct Backend {
+    engine: Engine,
+    /// The token ids whose keys and values the cache holds, one a position.
+    cached: Vec<u32>,
+}
+
+enum Engine {
     Gpu {
         decoder: Box<GpuDecoder>,
         /// Whether prompts of PREFILL_MIN_TOKENS or more go through batched
@@ -25,15 +33,18 @@ pub enum Backend {
     },
     Cpu {
         model: Box<CpuModel>,
+        cache: KvCache,
         sampling: Option<Sampling>,
     },
 }
 
 /// One call of `Backend::generate`: milliseconds to the first token and for
-/// the rest, and how the prompt went in when not by batched prefill.
+/// the rest, how many of the prompt's positions came from the cache, and how
+/// the rest went in when not by batched prefill.
 pub struct Timings {
     pub first_token_ms: f64,
     pub rest_ms: f64,
+    pub reused_tokens: usize,
     pub prompt_note: &'static str,
 }
 
@@ -59,56 +70,90 @@ impl Backend {
         sampling: Option<Sampling>,
         batched: bool,
     ) -> Result<Self> {
-        Ok(match device {
+        let engine = match device {
             DeviceKind::Cuda => {
                 let mut decoder = GpuDecoder::new(checkpoint, context, gpu)?;
                 decoder.set_sampling(sampling)?;
                 let batched = batched && prefill_available(&decoder);
-                Backend::Gpu {
+                Engine::Gpu {
                     decoder: Box::new(decoder),
                     batched,
                 }
             }
-            DeviceKind::Cpu => Backend::Cpu {
+            DeviceKind::Cpu => Engine::Cpu {
                 model: Box::new(CpuModel::load(checkpoint)),
+                cache: KvCache::new(&checkpoint.config),
                 sampling,
             },
+        };
+        Ok(Backend {
+            engine,
+            cached: Vec::new(),
         })
     }
 
     pub fn device_name(&self) -> String {
-        match self {
-            Backend::Gpu { decoder, .. } => decoder.device.name.clone(),
-            Backend::Cpu { .. } => "cpu".to_string(),
+        match &self.engine {
+            Engine::Gpu { decoder, .. } => decoder.device.name.clone(),
+            Engine::Cpu { .. } => "cpu".to_string(),
         }
     }
 
     /// Generates after `prompt` until an `eos` token or `max_new` tokens,
-    /// calling `on_token` with each as soon as it is known.
+    /// calling `on_token` with each as soon as it is known. The positions
+    /// where `prompt` begins as the last call's sequence did (its prompt and
+    /// every generated token but the last) are not computed again.
     pub fn generate(
         &mut self,
         prompt: &[u32],
         max_new: usize,
         eos: &[u32],
-        on_token: impl FnMut(u32) -> Result<()>,
+        mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<Timings> {
-        let (first_token_ms, rest_ms, prompt_note) = match self {
-            Backend::Gpu { decoder, batched } => {
-                let batched = *batched && prompt.len() >= PREFILL_MIN_TOKENS;
-                let (first, rest) = decoder.generate(prompt, max_new, eos, batched, on_token)?;
+        // At least the prompt's last position is computed: its logits give
+        // the first token. Until this call succeeds nothing is known to be
+        // cached.
+        let reused = common_prefix(&std::mem::take(&mut self.cached), prompt)
+            .min(prompt.len().saturating_sub(1));
+        let mut answer = Vec::new();
+        let record = |token: u32| {
+            answer.push(token);
+            on_token(token)
+        };
+        let (first_token_ms, rest_ms, prompt_note) = match &mut self.engine {
+            Engine::Gpu { decoder, batched } => {
+                let batched = *batched && prompt.len() - reused >= PREFILL_MIN_TOKENS;
+                let (first, rest) =
+                    decoder.generate(prompt, reused, max_new, eos, batched, record)?;
                 (first, rest, if batched { "" } else { ", one at a time" })
             }
-            Backend::Cpu { model, sampling } => {
-                let (first, rest) = cpu_generate(model, prompt, max_new, eos, *sampling, on_token)?;
+            Engine::Cpu {
+                model,
+                cache,
+                sampling,
+            } => {
+                cache.truncate(reused, &model.config);
+                let (first, rest) =
+                    cpu_generate(model, cache, prompt, max_new, eos, *sampling, record)?;
                 (first, rest, "")
             }
         };
+        // Every generated token but the last was fed back.
+        self.cached = prompt.to_vec();
+        self.cached
+            .extend_from_slice(&answer[..answer.len().saturating_sub(1)]);
         Ok(Timings {
             first_token_ms,
             rest_ms,
+            reused_tokens: reused,
             prompt_note,
         })
     }
+}
+
+/// How many leading ids `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Whether batched prefill can run; when it cannot, says why on stderr (the
@@ -127,6 +172,7 @@ fn prefill_available(decoder: &GpuDecoder) -> bool {
 /// timings as the GPU path.
 fn cpu_generate(
     model: &CpuModel,
+    cache: &mut KvCache,
     prompt: &[u32],
     max_new: usize,
     eos: &[u32],
@@ -134,10 +180,9 @@ fn cpu_generate(
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(f64, f64)> {
     let start = Instant::now();
-    let mut cache = KvCache::new(&model.config);
     let mut logits = Vec::new();
-    for &token in prompt {
-        logits = model.forward(token, &mut cache, None);
+    for &token in &prompt[cache.len(&model.config)..] {
+        logits = model.forward(token, cache, None);
     }
     let mut first_token_ms = 0.0;
     for i in 0..max_new {
@@ -154,7 +199,7 @@ fn cpu_generate(
         if eos.contains(&token) || i + 1 == max_new {
             break;
         }
-        logits = model.forward(token, &mut cache, None);
+        logits = model.forward(token, cache, None);
     }
     let total = start.elapsed().as_secs_f64() * 1e3;
     Ok((first_token_ms, total - first_token_ms))

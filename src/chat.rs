@@ -2,9 +2,10 @@
 //! one user message; the answer is streamed to stdout as it decodes, and
 //! joins the conversation. Every turn renders the whole conversation with
 //! the model's chat template (which, for Qwen3, drops the thinking of
-//! earlier answers) and sends it through batched prefill again: simpler than
-//! keeping the KV cache between turns, exact, and cheap (a 4,096-token
-//! conversation takes about 13 ms on an H100).
+//! earlier answers), so the prompt is always what a fresh run would see; the
+//! keys and values of the positions where it begins as the last turn's
+//! sequence did stay in the cache, and only the rest (the last answer, as
+//! the template rewrote it, and the new message) goes through prefill.
 //!
 //! `/clear` starts a new conversation (keeping --system), `/exit`, `/quit`
 //! or the end of input ends. A message that would not fit the context is
@@ -49,7 +50,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         args.model.gpu,
         context,
         sampling,
-        true,
+        !args.token_by_token,
     )?;
     let thinking = args.no_think.then_some(false);
     let start: Vec<Message> = args
@@ -130,6 +131,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             let report = json!({
                 "turn": turn,
                 "prompt_tokens": prompt_ids.len(),
+                "reused_tokens": timings.reused_tokens,
                 "generated_ids": answer,
                 "text": text,
                 "stop_reason": if hit_eos { "eos" } else { "max_new_tokens" },
@@ -144,11 +146,12 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         } else {
             writeln!(stdout)?;
             eprintln!(
-                "[{} tokens{}; first after {:.1} ms (conversation of {} tokens{}), then {tokens_per_s:.1} tok/s]",
+                "[{} tokens{}; first after {:.1} ms (conversation of {} tokens, {} new{}), then {tokens_per_s:.1} tok/s]",
                 answer.len(),
                 if hit_eos { "" } else { ", cut at --max-new-tokens" },
                 timings.first_token_ms,
                 prompt_ids.len(),
+                prompt_ids.len() - timings.reused_tokens,
                 timings.prompt_note,
             );
         }

@@ -147,6 +147,10 @@ pub struct ChatArgs {
     /// Print one JSON object a turn (ids, text, timings) instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Feed each turn's new tokens through the decode kernel one at a time
+    /// instead of batched prefill (for comparison).
+    #[arg(long)]
+    pub token_by_token: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }

@@ -49,6 +49,15 @@ impl KvCache {
     pub fn len(&self, config: &ModelConfig) -> usize {
         self.keys.first().map_or(0, |k| k.len() / config.kv_dim())
     }
+
+    /// Forgets every position from `positions` on (a no-op if fewer are
+    /// cached).
+    pub fn truncate(&mut self, positions: usize, config: &ModelConfig) {
+        let len = positions * config.kv_dim();
+        for cached in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            cached.truncate(len);
+        }
+    }
 }
 
 impl CpuModel {

@@ -271,7 +271,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
 
     // Free-running greedy from the prompt, compared up to the first near-tie.
     let mut free = Vec::with_capacity(steps);
-    decoder.generate(prompt, steps, &[], batched, |t| {
+    decoder.generate(prompt, 0, steps, &[], batched, |t| {
         free.push(t);
         Ok(())
     })?;

@@ -130,25 +130,35 @@ fn chat_carries_the_conversation_and_clear_starts_over() {
     // renders it (tested against transformers above).
     let template = ChatTemplate::from_model_dir(dir.path()).unwrap();
     let tokenizer = Tokenizer::from_model_dir(dir.path()).unwrap();
-    let tokens = |messages: &[Message]| {
+    let ids = |messages: &[Message]| {
         tokenizer
             .encode(&template.render(messages, None).unwrap())
             .unwrap()
-            .len() as u64
     };
     let first = Message::new("user", "What is 2+2?");
     let answer = Message::new("assistant", turns[0]["text"].as_str().unwrap());
-    assert_eq!(
-        turns[0]["prompt_tokens"],
-        tokens(std::slice::from_ref(&first))
-    );
-    assert_eq!(
-        turns[1]["prompt_tokens"],
-        tokens(&[first.clone(), answer, Message::new("user", "and 3+3?")])
-    );
+    let first_prompt = ids(std::slice::from_ref(&first));
+    let second_prompt = ids(&[first.clone(), answer, Message::new("user", "and 3+3?")]);
+    assert_eq!(turns[0]["prompt_tokens"], first_prompt.len());
+    assert_eq!(turns[1]["prompt_tokens"], second_prompt.len());
+    // Turn 2 computes again only where its prompt leaves turn 1's sequence
+    // (the prompt and every answer token but the last, which was never fed).
+    let answer_ids = common::ids(&turns[0]["generated_ids"]);
+    let mut first_sequence = first_prompt.clone();
+    first_sequence.extend_from_slice(&answer_ids[..answer_ids.len() - 1]);
+    let shared = first_sequence
+        .iter()
+        .zip(&second_prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert_eq!(turns[0]["reused_tokens"], 0);
+    assert!(shared > first_prompt.len() / 2, "{shared}");
+    assert_eq!(turns[1]["reused_tokens"], shared);
     // After /clear the same question starts a new conversation, and greedy
-    // decoding gives the same answer, which `generate --chat` also gives.
+    // decoding gives the same answer, which `generate --chat` also gives;
+    // all of its prompt but the last position is still in the cache.
     assert_eq!(turns[2]["prompt_tokens"], turns[0]["prompt_tokens"]);
+    assert_eq!(turns[2]["reused_tokens"], first_prompt.len() - 1);
     assert_eq!(turns[2]["generated_ids"], turns[0]["generated_ids"]);
     let report = generate_chat_on_cpu(dir.path(), "What is 2+2?", &["--max-new-tokens", "4"]);
     assert_eq!(report["generated_ids"], turns[0]["generated_ids"]);

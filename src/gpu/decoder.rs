@@ -701,14 +701,17 @@ impl GpuDecoder {
         self.prefill.as_ref().err().map(String::as_str)
     }
 
-    /// Greedy decoding: the prompt goes through batched prefill (or, with
-    /// `batched` false, through the decode kernel one token at a time), then
-    /// tokens are generated until an EOS id or `max_new` tokens, calling
-    /// `on_token` for each as soon as the GPU has it. Returns (time to first
-    /// token, time of the rest) in ms.
+    /// Decoding (greedy, or with the sampler `set_sampling` chose): the
+    /// prompt from position `cached` on goes through batched prefill (or,
+    /// with `batched` false, through the decode kernel one token at a time),
+    /// then tokens are generated until an EOS id or `max_new` tokens, calling
+    /// `on_token` for each as soon as the GPU has it. The cache must already
+    /// hold `prompt[..cached]`, as a previous call left it. Returns (time to
+    /// first token, time of the rest) in ms.
     pub fn generate(
         &mut self,
         prompt: &[u32],
+        cached: usize,
         max_new: usize,
         eos: &[u32],
         batched: bool,
@@ -717,6 +720,10 @@ impl GpuDecoder {
         if prompt.is_empty() || max_new == 0 {
             bail!("generation needs a non-empty prompt and at least one new token");
         }
+        anyhow::ensure!(
+            cached < prompt.len(),
+            "at least the prompt's last position must be computed"
+        );
         let total_steps = prompt.len() + max_new - 1;
         if total_steps > self.context {
             bail!(
@@ -727,7 +734,7 @@ impl GpuDecoder {
             );
         }
         let first_output = prompt.len() - 1;
-        let start_pos = if batched { first_output } else { 0 };
+        let start_pos = if batched { first_output } else { cached };
         self.reset(prompt, prompt.len(), start_pos, Some(eos))?;
         // One event per entry that can be pending at once: LOOKAHEAD single
         // steps, then two graphs behind them, and the one being recorded.
@@ -746,9 +753,9 @@ impl GpuDecoder {
         // prompt for a hang.
         let mut pending: VecDeque<(usize, usize, usize)> = VecDeque::new(); // (first position, steps, event index)
         let mut recorded = 0; // events recorded so far; the next uses slot recorded % len
-        let mut launched = 0; // positions whose step is queued
+        let mut launched = cached; // positions whose step is queued (or cached)
         if batched {
-            self.enqueue_prefill(0, prompt.len())?;
+            self.enqueue_prefill(cached, prompt.len() - cached)?;
             self.enqueue_lm_head(false)?;
             events[0].record(&self.stream)?;
             pending.push_back((first_output, 1, 0));
