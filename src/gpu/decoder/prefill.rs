@@ -32,6 +32,15 @@ use crate::kernel_dims::{
 /// launches), a decode step 0.9 ms (H100, RESULTS.md).
 pub const PREFILL_MIN_TOKENS: usize = 3;
 
+/// cuBLAS picks a GEMM kernel by the shape, and the first use of each one
+/// loads it: 4-12 ms on an H200 (RESULTS.md, session 17), at row counts no
+/// simple rule predicts (64 and 1,000 among them, 65 and 1,025 not). So the
+/// GEMMs run on row counts rounded up to a multiple of this, and the
+/// warm-up runs every one of those: no prompt pays for a first use. The
+/// extra rows cost little (a GEMM of up to 64 rows is bound by reading the
+/// weights) and nothing reads them.
+const GEMM_ROW_QUANTUM: usize = 64;
+
 /// Mirrors `PrefillAttentionParams` in kernels/prefill_attention.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -52,6 +61,24 @@ struct Weight {
     ptr: u64,
     out_features: usize,
     in_features: usize,
+}
+
+/// The four GEMMs of a layer.
+#[derive(Clone, Copy)]
+enum LayerGemm {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl LayerGemm {
+    const ALL: [LayerGemm; 4] = [
+        LayerGemm::Qkv,
+        LayerGemm::O,
+        LayerGemm::GateUp,
+        LayerGemm::Down,
+    ];
 }
 
 /// Where a GEMM's result goes.
@@ -98,30 +125,79 @@ pub fn unavailable_reason() -> Option<String> {
 impl Prefill {
     pub fn new(stream: &std::sync::Arc<CudaStream>, context: usize) -> Result<Self> {
         let capacity = context.min(PREFILL_CHUNK);
+        // What the GEMMs read and write holds their rounded-up rows.
+        let gemm_rows = capacity.next_multiple_of(GEMM_ROW_QUANTUM);
         let oom = "not enough GPU memory for the prefill buffers";
         let blas = CudaBlas::new(stream.clone()).context("cannot start cuBLAS")?;
         Ok(Self {
             blas,
             capacity,
-            x: stream.alloc_zeros(capacity * HIDDEN).context(oom)?,
+            x: stream.alloc_zeros(gemm_rows * HIDDEN).context(oom)?,
             rope_table: stream.alloc_zeros(capacity * HEAD_DIM).context(oom)?,
-            normed: stream.alloc_zeros(capacity * HIDDEN).context(oom)?,
-            qkv: stream.alloc_zeros(capacity * QKV_ROWS).context(oom)?,
+            normed: stream.alloc_zeros(gemm_rows * HIDDEN).context(oom)?,
+            qkv: stream.alloc_zeros(gemm_rows * QKV_ROWS).context(oom)?,
             q: stream.alloc_zeros(capacity * Q_DIM).context(oom)?,
-            attn: stream.alloc_zeros(capacity * Q_DIM).context(oom)?,
+            attn: stream.alloc_zeros(gemm_rows * Q_DIM).context(oom)?,
             gate_up: stream
-                .alloc_zeros(capacity * 2 * INTERMEDIATE)
+                .alloc_zeros(gemm_rows * 2 * INTERMEDIATE)
                 .context(oom)?,
-            h: stream.alloc_zeros(capacity * INTERMEDIATE).context(oom)?,
+            h: stream.alloc_zeros(gemm_rows * INTERMEDIATE).context(oom)?,
         })
     }
 
-    /// out (rows x out_features) = input (rows x in_features, bf16) . W^T.
+    /// Runs `gemm` of the layer whose packed weights start at `layer` on the
+    /// first `rows` positions of the chunk's buffers (rounded up to
+    /// GEMM_ROW_QUANTUM).
+    fn layer_gemm(&self, s: &CudaStream, layer: u64, gemm: LayerGemm, rows: usize) -> Result<()> {
+        let (offset, out_features, in_features, input, out, output) = match gemm {
+            LayerGemm::Qkv => {
+                let (input, out) = (ptr(&self.normed, s), ptr(&self.qkv, s));
+                (lay::QKV, QKV_ROWS, HIDDEN, input, out, Output::Bf16)
+            }
+            LayerGemm::O => {
+                let (input, out) = (ptr(&self.attn, s), ptr(&self.x, s));
+                (lay::O, HIDDEN, Q_DIM, input, out, Output::AddToResidual)
+            }
+            LayerGemm::GateUp => {
+                // Gate and up are adjacent in the packed layer: one GEMM.
+                let (input, out) = (ptr(&self.normed, s), ptr(&self.gate_up, s));
+                (
+                    lay::GATE,
+                    2 * INTERMEDIATE,
+                    HIDDEN,
+                    input,
+                    out,
+                    Output::Bf16,
+                )
+            }
+            LayerGemm::Down => {
+                let (input, out) = (ptr(&self.h, s), ptr(&self.x, s));
+                (
+                    lay::DOWN,
+                    HIDDEN,
+                    INTERMEDIATE,
+                    input,
+                    out,
+                    Output::AddToResidual,
+                )
+            }
+        };
+        let weight = Weight {
+            ptr: layer + 2 * offset as u64,
+            out_features,
+            in_features,
+        };
+        self.gemm(weight, input, out, rows, output)
+    }
+
+    /// out (rows x out_features) = input (rows x in_features, bf16) . W^T,
+    /// over `rows` rounded up to GEMM_ROW_QUANTUM.
     /// `Output::AddToResidual` adds onto the f32 residual stream; `Output::Bf16`
     /// overwrites a bf16 buffer. In cuBLAS's column-major terms:
     /// out^T = op_T(W) . input^T.
     fn gemm(&self, w: Weight, input: u64, out: u64, rows: usize, output: Output) -> Result<()> {
         let (n, k) = (w.out_features, w.in_features);
+        let rows = rows.next_multiple_of(GEMM_ROW_QUANTUM);
         let alpha = 1.0f32;
         let (beta, out_type) = match output {
             Output::AddToResidual => (1.0f32, blas_sys::cudaDataType::CUDA_R_32F),
@@ -197,13 +273,20 @@ impl GpuDecoder {
         Ok(())
     }
 
-    /// Runs one chunk of positions (token id 0) through every prefill kernel
-    /// and GEMM shape, so that cuBLAS's set-up and the kernels' lazy loading
-    /// happen while the model loads, not in the first prompt's latency. It
+    /// Runs one chunk of positions (token id 0) through every prefill kernel,
+    /// and the GEMMs of one layer at every row count they run on (see
+    /// GEMM_ROW_QUANTUM), so that cuBLAS's set-up and the kernels' lazy
+    /// loading happen while the model loads, not in a prompt's latency. It
     /// writes cache positions that any sequence overwrites before reading.
     pub(super) fn warm_up_prefill(&self) -> Result<()> {
         if let Ok(prefill) = &self.prefill {
-            self.prefill_chunk(prefill, 0, self.context.min(64))?;
+            self.prefill_chunk(prefill, 0, self.context.min(GEMM_ROW_QUANTUM))?;
+            let largest = prefill.capacity.next_multiple_of(GEMM_ROW_QUANTUM);
+            for rows in (GEMM_ROW_QUANTUM..=largest).step_by(GEMM_ROW_QUANTUM) {
+                for gemm in LayerGemm::ALL {
+                    prefill.layer_gemm(&self.stream, self.decode_params.layers, gemm, rows)?;
+                }
+            }
             self.synchronize()?;
         }
         Ok(())
@@ -235,23 +318,13 @@ impl GpuDecoder {
 
         let layer_cache = (NUM_KV_HEADS * self.context * HEAD_DIM * 2) as u64;
         for layer in 0..NUM_LAYERS {
-            let w = |offset: usize| p.layers + 2 * (layer * lay::STRIDE + offset) as u64;
-            let matrix = |offset, out_features, in_features| Weight {
-                ptr: w(offset),
-                out_features,
-                in_features,
-            };
+            let layer_weights = p.layers + 2 * (layer * lay::STRIDE) as u64;
+            let w = |offset: usize| layer_weights + 2 * offset as u64;
             let k_cache = p.k_cache + layer as u64 * layer_cache;
             let v_cache = p.v_cache + layer as u64 * layer_cache;
 
             self.prefill_rms_norm(x, w(lay::INPUT_NORM), normed, rows)?;
-            prefill.gemm(
-                matrix(lay::QKV, QKV_ROWS, HIDDEN),
-                normed,
-                qkv,
-                rows,
-                Output::Bf16,
-            )?;
+            prefill.layer_gemm(s, layer_weights, LayerGemm::Qkv, rows)?;
             let (q_norm, k_norm) = (w(lay::Q_NORM), w(lay::K_NORM));
             let mut launch = s.launch_builder(&kernels.qk_norm_rope);
             launch
@@ -294,18 +367,10 @@ impl GpuDecoder {
             let mut launch = s.launch_builder(&kernels.attention);
             launch.arg(&params);
             unsafe { launch.launch(cfg) }?;
-            prefill.gemm(
-                matrix(lay::O, HIDDEN, Q_DIM),
-                attn,
-                x,
-                rows,
-                Output::AddToResidual,
-            )?;
+            prefill.layer_gemm(s, layer_weights, LayerGemm::O, rows)?;
 
             self.prefill_rms_norm(x, w(lay::POST_ATTN_NORM), normed, rows)?;
-            // Gate and up are adjacent in the packed layer: one GEMM.
-            let gate_and_up = matrix(lay::GATE, 2 * INTERMEDIATE, HIDDEN);
-            prefill.gemm(gate_and_up, normed, gate_up, rows, Output::Bf16)?;
+            prefill.layer_gemm(s, layer_weights, LayerGemm::GateUp, rows)?;
             let octets = (rows * INTERMEDIATE / 8) as u32;
             let rows32 = rows as u32;
             let mut launch = s.launch_builder(&kernels.silu_mul);
@@ -316,13 +381,7 @@ impl GpuDecoder {
                 shared_mem_bytes: 0,
             };
             unsafe { launch.launch(cfg) }?;
-            prefill.gemm(
-                matrix(lay::DOWN, HIDDEN, INTERMEDIATE),
-                h,
-                x,
-                rows,
-                Output::AddToResidual,
-            )?;
+            prefill.layer_gemm(s, layer_weights, LayerGemm::Down, rows)?;
         }
         Ok(())
     }
