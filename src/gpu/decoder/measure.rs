@@ -7,7 +7,8 @@ use std::cmp::Reverse;
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{ptr, wait_for, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS, PROFILE_CLOCKS};
+use super::watchdog::wait_for;
+use super::{ptr, GpuDecoder, KV_BYTES_PER_POSITION, PHASE_STAMPS, PROFILE_CLOCKS};
 use crate::kernel_dims::{HEAD_DIM, HIDDEN, NUM_KV_HEADS, NUM_LAYERS};
 
 /// Where a decode step's time goes, from the kernel's own clocks.
