@@ -137,4 +137,40 @@ extern "C" __global__ void prefill_silu_mul(const bf16* gate_up, bf16* h, unsign
     *reinterpret_cast<uint4*>(h + (size_t)row * INTERMEDIATE + col) = packed;
 }
 
+// Combines the key splits of prefill_attention (prefill_attention.cuh, when
+// splits > 1): each left, for every (row, query head), its unnormalised
+// output o_s and running (max m_s, sum l_s) in base 2; with M the largest
+// m_s, out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, rounded to bf16
+// as the unsplit kernel writes it. A warp per (row, query head), four head
+// dims a lane; grid: rows x NUM_Q_HEADS / MERGE_SLOTS_PER_BLOCK blocks.
+constexpr int MERGE_SLOTS_PER_BLOCK = QMK_PREFILL_MERGE_SLOTS_PER_BLOCK;
+static_assert(HEAD_DIM == 4 * WARP, "four head dims a lane");
+
+extern "C" __global__ void __launch_bounds__(MERGE_SLOTS_PER_BLOCK * WARP)
+    prefill_attention_merge(const float* partial_out, const float2* partial_max_sum, bf16* out, unsigned int rows,
+                            unsigned int splits) {
+    const unsigned int slots = rows * NUM_Q_HEADS;
+    const unsigned int slot = blockIdx.x * MERGE_SLOTS_PER_BLOCK + threadIdx.x / WARP;  // row * NUM_Q_HEADS + head
+    if (slot >= slots) return;
+    const int lane = threadIdx.x % WARP;
+    float max = -INFINITY;
+    for (unsigned int s = 0; s < splits; ++s) max = fmaxf(max, partial_max_sum[s * slots + slot].x);
+    float sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (unsigned int s = 0; s < splits; ++s) {
+        const float2 max_sum = partial_max_sum[s * slots + slot];
+        const float weight = exp2f(max_sum.x - max);
+        sum += weight * max_sum.y;
+        const float4 o = *reinterpret_cast<const float4*>(partial_out + ((size_t)s * slots + slot) * HEAD_DIM + lane * 4);
+        acc[0] += weight * o.x;
+        acc[1] += weight * o.y;
+        acc[2] += weight * o.z;
+        acc[3] += weight * o.w;
+    }
+    const float inv = 1.f / sum;
+    uint2 packed;
+    packed.x = pack_bf16x2(acc[0] * inv, acc[1] * inv);
+    packed.y = pack_bf16x2(acc[2] * inv, acc[3] * inv);
+    *reinterpret_cast<uint2*>(out + (size_t)slot * HEAD_DIM + lane * 4) = packed;
+}
+
 }  // namespace qmk

@@ -13,7 +13,11 @@
 // the cache already holds every key up to start_pos + rows - 1 (earlier
 // chunks and turns, and this chunk's own keys, written by
 // prefill_qk_norm_rope), so a chunk that continues a cache attends to all of
-// it.
+// it. When a few query blocks face a long cache (a short turn after a long
+// conversation), the keys are split among `splits` blocks (blockIdx.z) so
+// the whole GPU streams them: each split leaves its unnormalised output and
+// its running max and sum, and prefill_attention_merge (prefill.cu) combines
+// them, flash-decoding style.
 //
 // Warp w owns query head 2 * kv_head + w / 4 and positions 16 * (w % 4) ..
 // + 15 of the block, so warps 0-3 and 4-7 are the two warpgroups wgmma
@@ -48,10 +52,17 @@ struct PrefillAttentionParams {
     const bf16* q;        // rows x NUM_Q_HEADS x HEAD_DIM (normalised, rotated)
     const bf16* k_cache;  // this layer: NUM_KV_HEADS x context x HEAD_DIM
     const bf16* v_cache;  // same layout
-    bf16* out;            // rows x Q_DIM
+    bf16* out;            // rows x Q_DIM, when splits == 1
+    // When splits > 1: splits x rows x NUM_Q_HEADS of HEAD_DIM unnormalised
+    // outputs, and of (running max, sum).
+    float* partial_out;
+    float2* partial_max_sum;
     unsigned int rows;
     unsigned int start_pos;
     unsigned int context;
+    // Key ranges (gridDim.z). The host picks them so that each one's first
+    // tile holds a key every query attends to: every running max is finite.
+    unsigned int splits;
 };
 
 // The tile layout is the one wgmma reads with 128-byte swizzling (and
@@ -120,6 +131,9 @@ __device__ __forceinline__ void attention_block(const PrefillAttentionParams& p)
     const int keys_end = start + rows;  // the cache holds keys [0, keys_end)
     const int block_last_pos = start + min(query_block * FA_QUERIES + FA_QUERIES, rows) - 1;
     const int tiles = block_last_pos / FA_KEYS + 1;
+    // This block's tiles: [t_begin, t_end) of them.
+    const int split = blockIdx.z, splits = (int)p.splits;
+    const int t_begin = split * tiles / splits, t_end = (split + 1) * tiles / splits;
     const int warp_first_pos = start + query_block * FA_QUERIES + (warp % 4) * 16;
     const int pos[2] = {start + row0, start + row0 + 8};
 
@@ -130,13 +144,14 @@ __device__ __forceinline__ void attention_block(const PrefillAttentionParams& p)
     auto k_tile = [&](int stage) { return smem_base + stage * 2 * TILE_ELEMS * 2; };
     auto v_tile = [&](int stage) { return k_tile(stage) + TILE_ELEMS * 2; };
 
-    // Tiles 0 .. FA_STAGES - 2 start loading; one commit group per tile,
-    // empty past the last, so group counting is the same for every block.
+    // The first FA_STAGES - 1 tiles start loading; one commit group per
+    // tile, empty past the last, so group counting is the same for every
+    // block. Tile t_begin + i goes to stage i % FA_STAGES.
 #pragma unroll
-    for (int t = 0; t < FA_STAGES - 1; ++t) {
-        if (t < tiles) {
-            load_tile_async(k_tile(t), k_head, t * FA_KEYS, keys_end);
-            load_tile_async(v_tile(t), v_head, t * FA_KEYS, keys_end);
+    for (int i = 0; i < FA_STAGES - 1; ++i) {
+        if (t_begin + i < t_end) {
+            load_tile_async(k_tile(i), k_head, (t_begin + i) * FA_KEYS, keys_end);
+            load_tile_async(v_tile(i), v_head, (t_begin + i) * FA_KEYS, keys_end);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
@@ -164,22 +179,22 @@ __device__ __forceinline__ void attention_block(const PrefillAttentionParams& p)
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};  // this lane's share; the quad's lanes are summed at the end
 
-    for (int t = 0; t < tiles; ++t) {
-        const int stage = t % FA_STAGES;
-        // Tile t has landed (only the newer groups may be pending), and after
-        // the barrier every warp is done with tile t - 1, whose stage the
-        // load of tile t + FA_STAGES - 1 reuses.
+    for (int i = 0; t_begin + i < t_end; ++i) {
+        const int stage = i % FA_STAGES;
+        // Tile i has landed (only the newer groups may be pending), and after
+        // the barrier every warp is done with tile i - 1, whose stage the
+        // load of tile i + FA_STAGES - 1 reuses.
         asm volatile("cp.async.wait_group %0;" ::"n"(FA_STAGES - 2) : "memory");
         TensorCores::tiles_landed();
         __syncthreads();
-        const int next = t + FA_STAGES - 1;
-        if (next < tiles) {
-            load_tile_async(k_tile(next % FA_STAGES), k_head, next * FA_KEYS, keys_end);
-            load_tile_async(v_tile(next % FA_STAGES), v_head, next * FA_KEYS, keys_end);
+        const int next = t_begin + i + FA_STAGES - 1;
+        if (next < t_end) {
+            load_tile_async(k_tile((i + FA_STAGES - 1) % FA_STAGES), k_head, next * FA_KEYS, keys_end);
+            load_tile_async(v_tile((i + FA_STAGES - 1) % FA_STAGES), v_head, next * FA_KEYS, keys_end);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
 
-        const int first_key = t * FA_KEYS;
+        const int first_key = (t_begin + i) * FA_KEYS;
         // Every key of the tile after this warp's positions: nothing to add.
         if (TensorCores::SKIPS_WARPS && first_key > warp_first_pos + 15) continue;
 
@@ -194,7 +209,8 @@ __device__ __forceinline__ void attention_block(const PrefillAttentionParams& p)
                     if (first_key + n * 8 + (lane % 4) * 2 + (e & 1) > pos[e / 2]) s[n][e] = -INFINITY;
         }
         // Online softmax: new running max, rescale what came before. The
-        // max stays finite: key 0 is never masked and is in tile 0.
+        // max stays finite: the split's first tile holds a key every row
+        // attends to (key 0, in tile 0, when there is one split).
         float correction[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -237,11 +253,21 @@ __device__ __forceinline__ void attention_block(const PrefillAttentionParams& p)
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
         const int row = row0 + 8 * h;
         if (row >= rows) continue;
-        const float inv = 1.f / row_sum[h];
-        bf16* dst = p.out + (size_t)row * Q_DIM + q_head * HEAD_DIM + (lane % 4) * 2;
+        if (splits == 1) {
+            const float inv = 1.f / row_sum[h];
+            bf16* dst = p.out + (size_t)row * Q_DIM + q_head * HEAD_DIM + (lane % 4) * 2;
 #pragma unroll
-        for (int d = 0; d < HEAD_DIM / 8; ++d)
-            *reinterpret_cast<unsigned int*>(dst + d * 8) = pack_bf16x2(out[d][2 * h] * inv, out[d][2 * h + 1] * inv);
+            for (int d = 0; d < HEAD_DIM / 8; ++d)
+                *reinterpret_cast<unsigned int*>(dst + d * 8) =
+                    pack_bf16x2(out[d][2 * h] * inv, out[d][2 * h + 1] * inv);
+        } else {
+            const size_t slot = ((size_t)split * rows + row) * NUM_Q_HEADS + q_head;
+            float* dst = p.partial_out + slot * HEAD_DIM + (lane % 4) * 2;
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM / 8; ++d)
+                *reinterpret_cast<float2*>(dst + d * 8) = make_float2(out[d][2 * h], out[d][2 * h + 1]);
+            if (lane % 4 == 0) p.partial_max_sum[slot] = make_float2(row_max[h], row_sum[h]);
+        }
     }
 }
 

@@ -122,6 +122,9 @@ pub const PREFILL_NORM_ROWS_PER_BLOCK: usize = 8;
 pub const PREFILL_ATTN_QUERIES: usize = 64;
 pub const PREFILL_ATTN_KEYS: usize = 64;
 pub const PREFILL_ATTN_THREADS: usize = 256;
+/// Warps (a (row, query head) each) per block of the kernel that combines
+/// prefill attention's key splits.
+pub const PREFILL_MERGE_SLOTS_PER_BLOCK: usize = 8;
 /// K and V tiles in flight: the one in use and the next two loading.
 pub const PREFILL_ATTN_STAGES: usize = 3;
 /// Its dynamic shared memory: the K and V tiles of every stage (96 KB, under
@@ -176,6 +179,10 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_PREFILL_ATTN_KEYS", PREFILL_ATTN_KEYS),
     ("QMK_PREFILL_ATTN_THREADS", PREFILL_ATTN_THREADS),
     ("QMK_PREFILL_ATTN_STAGES", PREFILL_ATTN_STAGES),
+    (
+        "QMK_PREFILL_MERGE_SLOTS_PER_BLOCK",
+        PREFILL_MERGE_SLOTS_PER_BLOCK,
+    ),
     ("QMK_PREFILL_ATTN_SMEM_BYTES", PREFILL_ATTN_SMEM_BYTES),
     ("QMK_OFF_INPUT_NORM", layer_layout::INPUT_NORM),
     ("QMK_OFF_POST_ATTN_NORM", layer_layout::POST_ATTN_NORM),

@@ -355,7 +355,7 @@ impl GpuDecoder {
         )?;
         let prefill = match prefill::unavailable_reason() {
             Some(why) => Err(why),
-            None => Ok(Prefill::new(&stream, context)?),
+            None => Ok(Prefill::new(&stream, context, device.sm_count as usize)?),
         };
         stream.synchronize()?;
         let decoder = Self {

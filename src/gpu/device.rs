@@ -34,6 +34,8 @@ pub struct PrefillKernels {
     pub qk_norm_rope: CudaFunction,
     pub silu_mul: CudaFunction,
     pub attention: CudaFunction,
+    /// Combines attention's key splits (prefill_attention_merge).
+    pub attention_merge: CudaFunction,
     /// Which attention kernel `attention` is (for reports).
     pub attention_name: &'static str,
 }
@@ -141,6 +143,7 @@ impl Device {
             rope_table: prefill_module.load_function("prefill_rope_table")?,
             qk_norm_rope: prefill_module.load_function("prefill_qk_norm_rope")?,
             silu_mul: prefill_module.load_function("prefill_silu_mul")?,
+            attention_merge: prefill_module.load_function("prefill_attention_merge")?,
             attention: attention_module.load_function(attention.name())?,
             attention_name: attention.name(),
         };

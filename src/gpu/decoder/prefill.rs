@@ -23,8 +23,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernel
 use super::{ptr, GpuDecoder};
 use crate::kernel_dims::{
     layer_layout as lay, HEAD_DIM, HIDDEN, INTERMEDIATE, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS,
-    PREFILL_ATTN_QUERIES, PREFILL_ATTN_SMEM_BYTES, PREFILL_ATTN_THREADS, PREFILL_CHUNK,
-    PREFILL_NORM_ROWS_PER_BLOCK, PREFILL_QKV_HEADS_PER_BLOCK, PREFILL_ROW_THREADS, QKV_ROWS, Q_DIM,
+    PREFILL_ATTN_KEYS, PREFILL_ATTN_QUERIES, PREFILL_ATTN_SMEM_BYTES, PREFILL_ATTN_THREADS,
+    PREFILL_CHUNK, PREFILL_MERGE_SLOTS_PER_BLOCK, PREFILL_NORM_ROWS_PER_BLOCK,
+    PREFILL_QKV_HEADS_PER_BLOCK, PREFILL_ROW_THREADS, QKV_ROWS, Q_DIM,
 };
 
 /// Shorter prompts go through the decode kernel one token at a time: a
@@ -41,7 +42,7 @@ pub const PREFILL_MIN_TOKENS: usize = 3;
 /// weights) and nothing reads them.
 const GEMM_ROW_QUANTUM: usize = 64;
 
-/// Mirrors `PrefillAttentionParams` in kernels/prefill_attention.cu.
+/// Mirrors `PrefillAttentionParams` in kernels/prefill_attention.cuh.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct PrefillAttentionParams {
@@ -49,9 +50,12 @@ struct PrefillAttentionParams {
     k_cache: u64,
     v_cache: u64,
     out: u64,
+    partial_out: u64,
+    partial_max_sum: u64,
     rows: u32,
     start_pos: u32,
     context: u32,
+    splits: u32,
 }
 unsafe impl DeviceRepr for PrefillAttentionParams {}
 
@@ -70,6 +74,34 @@ enum LayerGemm {
     O,
     GateUp,
     Down,
+}
+
+/// Most key splits of one attention launch, and the fewest key tiles a split
+/// takes (fewer would spend more on the merge than they save).
+const MAX_ATTENTION_SPLITS: usize = 16;
+const MIN_TILES_PER_SPLIT: usize = 4;
+
+/// How many ways prefill attention splits the keys for `rows` queries at
+/// positions `start..`: a launch has NUM_KV_HEADS blocks per 64 queries,
+/// each walking every key up to its last query, so a short chunk after a
+/// long cache would leave most of the `sms` SMs idle while 8 of them stream
+/// the whole cache. Splits fill the GPU, each gets MIN_TILES_PER_SPLIT tiles
+/// or more, and each one's first tile starts at or below `start`, so it
+/// holds a key every query attends to (the kernel's running max is then
+/// finite). 1: no split.
+fn attention_splits(rows: usize, start: usize, sms: usize) -> usize {
+    let blocks = NUM_KV_HEADS * rows.div_ceil(PREFILL_ATTN_QUERIES);
+    let first_block_tiles = (start + rows.min(PREFILL_ATTN_QUERIES) - 1) / PREFILL_ATTN_KEYS + 1;
+    let last_block_tiles = (start + rows - 1) / PREFILL_ATTN_KEYS + 1;
+    let mut splits = (sms / blocks)
+        .min(first_block_tiles / MIN_TILES_PER_SPLIT)
+        .min(MAX_ATTENTION_SPLITS);
+    // The last split's first tile is the latest; the last query block's is
+    // the latest of all.
+    while splits > 1 && (splits - 1) * last_block_tiles / splits * PREFILL_ATTN_KEYS > start {
+        splits -= 1;
+    }
+    splits.max(1)
 }
 
 impl LayerGemm {
@@ -102,6 +134,13 @@ pub struct Prefill {
     attn: CudaSlice<u16>,
     gate_up: CudaSlice<u16>,
     h: CudaSlice<u16>,
+    /// Attention's key splits: (split, row) pairs the two buffers below hold.
+    split_rows: usize,
+    /// Per (split, row, query head): HEAD_DIM unnormalised outputs, and the
+    /// running (max, sum) as two f32.
+    partial_out: CudaSlice<f32>,
+    partial_max_sum: CudaSlice<f32>,
+    sm_count: usize,
 }
 
 /// Bytes of GPU memory prefill's buffers take for `positions` positions.
@@ -123,8 +162,15 @@ pub fn unavailable_reason() -> Option<String> {
 }
 
 impl Prefill {
-    pub fn new(stream: &std::sync::Arc<CudaStream>, context: usize) -> Result<Self> {
+    pub fn new(
+        stream: &std::sync::Arc<CudaStream>,
+        context: usize,
+        sm_count: usize,
+    ) -> Result<Self> {
         let capacity = context.min(PREFILL_CHUNK);
+        // attention_splits keeps splits x query blocks x NUM_KV_HEADS within
+        // the SMs, so splits x rows within this.
+        let split_rows = sm_count / NUM_KV_HEADS * PREFILL_ATTN_QUERIES;
         // What the GEMMs read and write holds their rounded-up rows.
         let gemm_rows = capacity.next_multiple_of(GEMM_ROW_QUANTUM);
         let oom = "not enough GPU memory for the prefill buffers";
@@ -142,6 +188,12 @@ impl Prefill {
                 .alloc_zeros(gemm_rows * 2 * INTERMEDIATE)
                 .context(oom)?,
             h: stream.alloc_zeros(gemm_rows * INTERMEDIATE).context(oom)?,
+            split_rows,
+            partial_out: stream.alloc_zeros(split_rows * Q_DIM).context(oom)?,
+            partial_max_sum: stream
+                .alloc_zeros(split_rows * NUM_Q_HEADS * 2)
+                .context(oom)?,
+            sm_count,
         })
     }
 
@@ -304,6 +356,13 @@ impl GpuDecoder {
         let attn = ptr(&prefill.attn, s);
         let gate_up = ptr(&prefill.gate_up, s);
         let h = ptr(&prefill.h, s);
+        let partial_out = ptr(&prefill.partial_out, s);
+        let partial_max_sum = ptr(&prefill.partial_max_sum, s);
+        let splits = attention_splits(rows, start, prefill.sm_count);
+        anyhow::ensure!(
+            splits * rows <= prefill.split_rows,
+            "attention splits past their buffers"
+        );
         let eps = p.eps;
         let context = self.context as u32;
         let start_pos = start as u32;
@@ -351,15 +410,18 @@ impl GpuDecoder {
                 k_cache,
                 v_cache,
                 out: attn,
+                partial_out,
+                partial_max_sum,
                 rows: rows as u32,
                 start_pos,
                 context,
+                splits: splits as u32,
             };
             let cfg = LaunchConfig {
                 grid_dim: (
                     NUM_KV_HEADS as u32,
                     rows.div_ceil(PREFILL_ATTN_QUERIES) as u32,
-                    1,
+                    splits as u32,
                 ),
                 block_dim: (PREFILL_ATTN_THREADS as u32, 1, 1),
                 shared_mem_bytes: PREFILL_ATTN_SMEM_BYTES as u32,
@@ -367,6 +429,23 @@ impl GpuDecoder {
             let mut launch = s.launch_builder(&kernels.attention);
             launch.arg(&params);
             unsafe { launch.launch(cfg) }?;
+            if splits > 1 {
+                let mut launch = s.launch_builder(&kernels.attention_merge);
+                let (rows32, splits32) = (rows as u32, splits as u32);
+                launch
+                    .arg(&partial_out)
+                    .arg(&partial_max_sum)
+                    .arg(&attn)
+                    .arg(&rows32)
+                    .arg(&splits32);
+                let slots = (rows * NUM_Q_HEADS) as u32;
+                let cfg = LaunchConfig {
+                    grid_dim: (slots.div_ceil(PREFILL_MERGE_SLOTS_PER_BLOCK as u32), 1, 1),
+                    block_dim: (PREFILL_MERGE_SLOTS_PER_BLOCK as u32 * 32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { launch.launch(cfg) }?;
+            }
             prefill.layer_gemm(s, layer_weights, LayerGemm::O, rows)?;
 
             self.prefill_rms_norm(x, w(lay::POST_ATTN_NORM), normed, rows)?;
@@ -398,5 +477,62 @@ impl GpuDecoder {
         };
         unsafe { launch.launch(cfg) }?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where split `s` of `splits` starts for a block reaching `tiles` tiles
+    /// (the kernel's arithmetic).
+    fn split_start_key(s: usize, splits: usize, tiles: usize) -> usize {
+        s * tiles / splits * PREFILL_ATTN_KEYS
+    }
+
+    #[test]
+    fn a_short_chunk_after_a_long_cache_splits_its_keys_over_the_gpu() {
+        // 14 queries after 16,000 cached positions on 132 SMs: 8 blocks, 16
+        // splits of about 16 tiles each.
+        assert_eq!(attention_splits(14, 16_000, 132), 16);
+        // 170 SMs (RTX 5090), 100 queries: 16 blocks, 10 splits.
+        assert_eq!(attention_splits(100, 16_000, 170), 10);
+        // A chunk from position 0, or one that already fills the GPU, or a
+        // cache too short to be worth it: no split.
+        assert_eq!(attention_splits(14, 0, 132), 1);
+        assert_eq!(attention_splits(2_049, 2_049, 132), 1);
+        assert_eq!(attention_splits(20, 100, 132), 1);
+    }
+
+    #[test]
+    fn every_split_starts_at_a_key_each_query_attends_to() {
+        for sms in [78, 132, 170] {
+            for start in (0..20_000).step_by(97) {
+                for rows in [1, 3, 14, 64, 65, 200, 500, 1_000] {
+                    let splits = attention_splits(rows, start, sms);
+                    assert!((1..=MAX_ATTENTION_SPLITS).contains(&splits));
+                    let blocks = NUM_KV_HEADS * rows.div_ceil(PREFILL_ATTN_QUERIES);
+                    assert!(splits == 1 || splits * blocks <= sms);
+                    // The buffers hold splits x rows (Prefill::new).
+                    assert!(splits * rows <= (sms / NUM_KV_HEADS * PREFILL_ATTN_QUERIES).max(rows));
+                    for query_block in 0..rows.div_ceil(PREFILL_ATTN_QUERIES) {
+                        let last_row = ((query_block + 1) * PREFILL_ATTN_QUERIES).min(rows) - 1;
+                        let tiles = (start + last_row) / PREFILL_ATTN_KEYS + 1;
+                        for s in 0..splits {
+                            // Not empty, and its first key is at or before
+                            // the earliest query's position.
+                            assert!(
+                                split_start_key(s + 1, splits, tiles)
+                                    > split_start_key(s, splits, tiles)
+                            );
+                            assert!(
+                                split_start_key(s, splits, tiles) <= start,
+                                "{rows} at {start}, split {s} of {splits}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
