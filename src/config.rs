@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::json_field;
 use crate::kernel_dims;
 
 /// What qwen-mk needs from `config.json`.
@@ -35,31 +36,43 @@ impl ModelConfig {
     }
 
     pub fn from_json(json: &Value) -> Result<Self> {
-        let model_type = json.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if model_type != "qwen3" {
-            bail!(
-                "model_type is {model_type:?}, but qwen-mk runs only Qwen3 (\"qwen3\") checkpoints"
-            );
+        json_field::check_object(json)?;
+        match json_field::string(json, "model_type")? {
+            Some("qwen3") => {}
+            Some(other) => bail!(
+                "model_type is {other:?}, but qwen-mk runs only Qwen3 (\"qwen3\") checkpoints"
+            ),
+            None => {
+                bail!("there is no model_type; qwen-mk runs only Qwen3 (\"qwen3\") checkpoints")
+            }
         }
-        if json.get("attention_bias").and_then(Value::as_bool) == Some(true) {
+        if json_field::boolean(json, "attention_bias")? == Some(true) {
             bail!("attention_bias is true; Qwen3 projections have no bias and qwen-mk does not support one");
         }
-        if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
+        if let Some(act) = json_field::string(json, "hidden_act")? {
             if act != "silu" {
                 bail!("hidden_act is {act:?}; qwen-mk implements only \"silu\"");
             }
         }
-        if json.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+        if json_field::boolean(json, "use_sliding_window")? == Some(true) {
             bail!("use_sliding_window is true; qwen-mk implements full attention only");
         }
         let rope = rope_settings(json)?;
         let num_attention_heads = usize_field(json, "num_attention_heads")?;
         let hidden_size = usize_field(json, "hidden_size")?;
-        let head_dim = match json.get("head_dim") {
-            Some(Value::Null) | None => hidden_size / num_attention_heads.max(1),
+        let head_dim = match json_field::get(json, "head_dim") {
+            None => hidden_size / num_attention_heads,
             Some(_) => usize_field(json, "head_dim")?,
         };
-        Ok(Self {
+        // transformers' defaults for the two optional fields.
+        let rms_norm_eps = json_field::number(json, "rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            bail!("rms_norm_eps must be a positive number, found {rms_norm_eps}");
+        }
+        // Qwen3Config's head is untied unless the config says otherwise.
+        let tie_word_embeddings =
+            json_field::boolean(json, "tie_word_embeddings")?.unwrap_or(false);
+        let config = Self {
             hidden_size,
             num_hidden_layers: usize_field(json, "num_hidden_layers")?,
             num_attention_heads,
@@ -68,17 +81,38 @@ impl ModelConfig {
             intermediate_size: usize_field(json, "intermediate_size")?,
             vocab_size: usize_field(json, "vocab_size")?,
             max_position_embeddings: usize_field(json, "max_position_embeddings")?,
-            rms_norm_eps: json
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta: rope,
-            // transformers' Qwen3Config defaults to an untied head.
-            tie_word_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        })
+            tie_word_embeddings,
+        };
+        config.check_attention_heads()?;
+        Ok(config)
+    }
+
+    /// The head layout the attention (CPU and GPU) relies on: whole groups
+    /// of query heads per key/value head, and an even head_dim for RoPE,
+    /// which rotates dimension pairs (d, d + head_dim / 2).
+    fn check_attention_heads(&self) -> Result<()> {
+        let (q, kv, d) = (
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        );
+        if q % kv != 0 {
+            bail!(
+                "num_key_value_heads ({kv}) must divide num_attention_heads ({q}): each key/value head serves a whole group of query heads"
+            );
+        }
+        if d == 0 {
+            bail!("head_dim is missing and hidden_size / num_attention_heads is 0");
+        }
+        if d % 2 != 0 {
+            bail!("head_dim must be even (RoPE rotates pairs of dimensions), found {d}");
+        }
+        if q.checked_mul(d).is_none() {
+            bail!("num_attention_heads x head_dim ({q} x {d}) is too large");
+        }
+        Ok(())
     }
 
     /// Every field that differs from what the fused kernels were compiled
@@ -142,20 +176,25 @@ impl ModelConfig {
 /// `rope_parameters` (or `rope_scaling`) in transformers 5. Only plain RoPE
 /// is implemented: any scaling type other than "default" is refused.
 fn rope_settings(json: &Value) -> Result<f64> {
-    let mut theta = json.get("rope_theta").and_then(Value::as_f64);
+    let mut theta = json_field::number(json, "rope_theta")?;
     for key in ["rope_parameters", "rope_scaling"] {
-        let Some(params) = json.get(key).filter(|v| !v.is_null()) else {
+        let Some(params) = json_field::get(json, key) else {
             continue;
         };
-        let kind = params
-            .get("rope_type")
-            .or_else(|| params.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        if !params.is_object() {
+            return Err(json_field::wrong_type(key, "an object or null", params));
+        }
+        let field = |name: &str| json_field::string(params, name).with_context(|| key.to_string());
+        let kind = match field("rope_type")? {
+            Some(kind) => kind,
+            None => field("type")?.unwrap_or("default"),
+        };
         if kind != "default" {
             bail!("{key} asks for RoPE type {kind:?}; qwen-mk implements only the default RoPE");
         }
-        if let Some(t) = params.get("rope_theta").and_then(Value::as_f64) {
+        if let Some(t) =
+            json_field::number(params, "rope_theta").with_context(|| key.to_string())?
+        {
             theta = Some(t);
         }
     }
@@ -172,10 +211,8 @@ fn usize_field(json: &Value, name: &str) -> Result<usize> {
         .with_context(|| format!("config has no field {name:?}"))?;
     let n = value
         .as_u64()
-        .with_context(|| format!("config field {name:?} is {value}, not a positive integer"))?;
-    if n == 0 {
-        bail!("config field {name:?} is 0");
-    }
+        .filter(|&n| n > 0)
+        .ok_or_else(|| json_field::wrong_type(name, "a positive whole number", value))?;
     usize::try_from(n).with_context(|| format!("config field {name:?} is too large"))
 }
 

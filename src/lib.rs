@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpu_reference;
 pub mod generate;
 pub mod gpu;
+mod json_field;
 /// The dimensions the CUDA kernels are compiled for (also read by build.rs).
 pub mod kernel_dims;
 pub mod model_source;

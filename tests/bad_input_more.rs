@@ -1,0 +1,82 @@
+//! More bad input (found by an audit, beyond tests/bad_input.rs): each case
+//! must end in one line on stderr naming the problem, a non-zero exit, and
+//! never a panic, an abort or a run away with the memory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
+use serde_json::{json, Value};
+
+fn generate(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    qwen_mk(&args)
+}
+
+const CPU: &[&str] = &[
+    "--prompt",
+    "hello there",
+    "--max-new-tokens",
+    "2",
+    "--device",
+    "cpu",
+];
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+// --- checkpoints and their JSON files ---
+
+/// Runs `generate` on the CPU on a tiny checkpoint whose config.json has
+/// `edit` applied after its tensors were written.
+fn generate_with_config(edit: impl FnOnce(&mut Value)) -> Output {
+    let dir = tiny_checkpoint(3, true);
+    edit_json(&dir.path().join("config.json"), edit);
+    generate(dir.path(), CPU)
+}
+
+#[test]
+fn kv_heads_must_divide_query_heads() {
+    // 4 query heads over 3 KV heads: a panic (slice out of range); 8 KV
+    // heads over 4 query heads: a division by zero (group = 4 / 8). The
+    // config is refused before its tensors are looked at (synth refuses to
+    // write tensors of such a config at all).
+    for kv in [3, 8] {
+        let out = generate_with_config(|c| c["num_key_value_heads"] = json!(kv));
+        assert_one_line_error(&out, "num_key_value_heads");
+    }
+}
+
+#[test]
+fn odd_head_dim_is_refused() {
+    // RoPE rotates pairs (d, d + head_dim/2); with an odd head_dim the last
+    // dimension is left unrotated (transformers cannot run such a config).
+    let out = generate_with_config(|c| c["head_dim"] = json!(15));
+    assert_one_line_error(&out, "head_dim must be even");
+}
+
+#[test]
+fn config_fields_of_the_wrong_type_are_refused() {
+    // These were silently replaced by defaults (eps 1e-6, untied head, no
+    // RoPE scaling) or misreported ("config has no rope_theta", 'model_type
+    // is ""'): the error names the field and what it holds.
+    for (key, value, found) in [
+        ("rms_norm_eps", json!("1e-6"), "found \"1e-6\""),
+        ("rms_norm_eps", json!(-1.0), "found -1"),
+        ("tie_word_embeddings", json!("true"), "found \"true\""),
+        ("rope_theta", json!("1000000"), "found \"1000000\""),
+        ("model_type", json!(5), "found 5"),
+        ("rope_scaling", json!("abc"), "found \"abc\""),
+        ("attention_bias", json!("false"), "found \"false\""),
+    ] {
+        let out = generate_with_config(|c| c[key] = value.clone());
+        assert_one_line_error(&out, &format!("{key} must be"));
+        assert_one_line_error(&out, found);
+    }
+}
