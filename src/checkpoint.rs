@@ -3,7 +3,7 @@
 //! memory-mapped. Every tensor's name, shape and dtype is checked against the
 //! config when the checkpoint is opened, before anything reaches a GPU.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -167,6 +167,7 @@ impl Checkpoint {
             files.push(map);
         }
 
+        check_layer_count(&config, tensors.keys(), dir)?;
         for (name, shape) in expected_tensors(&config) {
             let Some((_, found)) = tensors.get(&name) else {
                 bail!(
@@ -209,6 +210,30 @@ impl Checkpoint {
             LM_HEAD
         }
     }
+}
+
+/// Fails when config.json asks for more layers than the checkpoint has
+/// tensors for. It comes before the tensors are listed one by one: that list
+/// has 11 names a layer, and an absurd num_hidden_layers would exhaust the
+/// memory making it.
+fn check_layer_count<'a>(
+    config: &ModelConfig,
+    names: impl Iterator<Item = &'a String>,
+    dir: &Path,
+) -> Result<()> {
+    let layers: HashSet<&str> = names
+        .filter_map(|name| name.strip_prefix("model.layers."))
+        .filter_map(|rest| rest.split('.').next())
+        .collect();
+    if config.num_hidden_layers > layers.len() {
+        bail!(
+            "config.json says num_hidden_layers is {}, but checkpoint {} has tensors of {} layers; it is not a complete Qwen3 checkpoint for its config.json",
+            config.num_hidden_layers,
+            dir.display(),
+            layers.len()
+        );
+    }
+    Ok(())
 }
 
 fn is_model_weight(name: &str) -> bool {

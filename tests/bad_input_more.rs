@@ -5,10 +5,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
 use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_qwen-mk");
 
 fn generate(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
@@ -29,6 +31,18 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
     std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+/// Runs qwen-mk under a 2 GB address-space limit, so that a run away with
+/// the memory fails fast instead of taking the machine down.
+fn qwen_mk_limited(args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 2000000; exec \"$0\" \"$@\"")
+        .arg(BIN)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 // --- checkpoints and their JSON files ---
@@ -59,6 +73,19 @@ fn odd_head_dim_is_refused() {
     // dimension is left unrotated (transformers cannot run such a config).
     let out = generate_with_config(|c| c["head_dim"] = json!(15));
     assert_one_line_error(&out, "head_dim must be even");
+}
+
+#[test]
+fn absurd_layer_count_fails_without_exhausting_memory() {
+    // expected_tensors() lists 11 names per layer before any is looked up:
+    // 400 million layers abort on the allocation.
+    let dir = tiny_checkpoint(3, true);
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["num_hidden_layers"] = json!(400_000_000u64)
+    });
+    let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
+    args.extend_from_slice(CPU);
+    assert_one_line_error(&qwen_mk_limited(&args), "layers");
 }
 
 #[test]
