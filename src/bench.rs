@@ -20,9 +20,12 @@ const START_TOKEN: u32 = 785;
 /// replayed from graphs of GRAPH_STEPS steps (a whole graph even when
 /// `steps` is not a multiple: a run past the cache's end would stop early
 /// and report its idle steps as fast ones), or the longest timed prompt.
-fn context_needed(max_position: usize, steps: usize, longest_prompt: usize) -> usize {
-    let graph_steps = steps.div_ceil(GRAPH_STEPS) * GRAPH_STEPS;
-    (max_position + graph_steps + 1).max(longest_prompt + 1)
+/// None when the sum overflows (sizes from the command line can be
+/// anything).
+fn context_needed(max_position: usize, steps: usize, longest_prompt: usize) -> Option<usize> {
+    let graph_steps = steps.div_ceil(GRAPH_STEPS).checked_mul(GRAPH_STEPS)?;
+    let decode = max_position.checked_add(graph_steps)?.checked_add(1)?;
+    Some(decode.max(longest_prompt.checked_add(1)?))
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -39,15 +42,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .filter(|&n| n > 0)
         .collect();
     let longest_prompt = prefill_lengths.iter().copied().max().unwrap_or(0);
-    let context = context_needed(max_position, args.steps, longest_prompt);
-    if context > checkpoint.config.max_position_embeddings {
+    let limit = checkpoint.config.max_position_embeddings;
+    let needed = context_needed(max_position, args.steps, longest_prompt);
+    let Some(context) = needed.filter(|&context| context <= limit) else {
+        let positions = needed.map_or("more than can be counted".to_string(), |c| {
+            (c - 1).to_string()
+        });
         bail!(
-            "position {max_position} plus {} steps (replayed in CUDA graphs of {GRAPH_STEPS}, so {} positions), or a prompt of {longest_prompt}, exceeds the model's context of {} tokens; ask for an earlier position or fewer steps",
+            "position {max_position} plus {} steps (replayed in CUDA graphs of {GRAPH_STEPS}, so {positions} positions), or a prompt of {longest_prompt}, exceeds the model's context of {limit} tokens; ask for an earlier position or fewer steps",
             args.steps,
-            context - 1,
-            checkpoint.config.max_position_embeddings
         );
-    }
+    };
     let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
     decoder.fill_cache_random(7)?;
     let bandwidth = decoder.measure_read_bandwidth(2 << 30, 10)?;
@@ -332,10 +337,14 @@ mod tests {
     #[test]
     fn the_cache_holds_every_step_the_graph_replay_runs() {
         // 24 steps are replayed as two graphs of 16: 32 steps from 232.
-        assert_eq!(context_needed(232, 24, 0), 232 + 32 + 1);
-        assert_eq!(context_needed(0, 256, 0), 257);
-        assert_eq!(context_needed(16384, 1, 0), 16384 + 16 + 1);
+        assert_eq!(context_needed(232, 24, 0), Some(232 + 32 + 1));
+        assert_eq!(context_needed(0, 256, 0), Some(257));
+        assert_eq!(context_needed(16384, 1, 0), Some(16384 + 16 + 1));
         // A longer prompt sets it.
-        assert_eq!(context_needed(0, 256, 8192), 8193);
+        assert_eq!(context_needed(0, 256, 8192), Some(8193));
+        // Sizes past usize are no context at all.
+        assert_eq!(context_needed(usize::MAX, 16, 0), None);
+        assert_eq!(context_needed(0, usize::MAX, 0), None);
+        assert_eq!(context_needed(0, 16, usize::MAX), None);
     }
 }

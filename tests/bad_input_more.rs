@@ -107,3 +107,30 @@ fn config_fields_of_the_wrong_type_are_refused() {
         assert_one_line_error(&out, found);
     }
 }
+
+// --- bench, parity, synth ---
+
+#[test]
+fn bench_sizes_that_overflow_are_refused() {
+    // position + steps + 1 wraps around in release builds, so the context
+    // check passes and the run goes on to the GPU.
+    let dir = tiny_checkpoint(3, true);
+    let model = dir.path().to_str().unwrap();
+    let max = usize::MAX.to_string();
+    for args in [
+        vec!["--positions", max.as_str(), "--steps", "16"],
+        vec!["--positions", "0", "--steps", max.as_str()],
+        vec![
+            "--positions",
+            "0",
+            "--steps",
+            "16",
+            "--prefill-lengths",
+            max.as_str(),
+        ],
+    ] {
+        let mut all = vec!["bench", "--model", model];
+        all.extend(args);
+        assert_one_line_error(&qwen_mk(&all), "exceeds the model's context");
+    }
+}
