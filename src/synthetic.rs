@@ -20,7 +20,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
-use crate::checkpoint::expected_tensors;
+use crate::checkpoint::{expected_tensors, LayerTensor};
 use crate::config::ModelConfig;
 
 /// The model shapes the generator knows.
@@ -64,7 +64,8 @@ pub fn config_json(assets: &Path, spec: &SyntheticSpec) -> Result<Value> {
     let path = assets.join("config.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut config: Value = serde_json::from_str(&text)?;
+    let mut config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
     if spec.shape == Shape::Tiny {
         for (key, value) in [
             ("hidden_size", 64),
@@ -104,15 +105,16 @@ pub fn write_checkpoint(out: &Path, assets: &Path, spec: &SyntheticSpec) -> Resu
         // copied mode would block writing the checkpoint again.
         let bytes =
             std::fs::read(&from).with_context(|| format!("cannot read {}", from.display()))?;
-        std::fs::write(out.join(file), bytes)
-            .with_context(|| format!("cannot write into {}", out.display()))?;
+        let to = out.join(file);
+        std::fs::write(&to, bytes).with_context(|| format!("cannot write {}", to.display()))?;
     }
     let config_value = config_json(assets, spec)?;
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&config_value)?,
-    )?;
-    let config = ModelConfig::from_json(&config_value)?;
+    let in_assets_config = || format!("in {}", assets.join("config.json").display());
+    let config = ModelConfig::from_json(&config_value).with_context(in_assets_config)?;
+    check_buildable(&config, spec).with_context(in_assets_config)?;
+    let config_path = out.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config_value)?)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
 
     let mut tensors = generate_tensors(&config, spec.seed);
     apply_test_head(&mut tensors, spec.head, config.hidden_size);
@@ -137,8 +139,56 @@ pub fn write_checkpoint(out: &Path, assets: &Path, spec: &SyntheticSpec) -> Resu
     ]);
     let path = out.join("model.safetensors");
     safetensors::serialize_to_file(views, Some(metadata), &path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e:?}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(())
+}
+
+/// The most bytes of weights `synth` makes: it holds them all in memory
+/// while it writes them (Qwen3-0.6B's are 1.5 GB).
+const MAX_WEIGHT_BYTES: u64 = 32 << 30;
+
+/// Fails, before anything is allocated, for a checkpoint `synth` cannot
+/// make: weights past MAX_WEIGHT_BYTES, or a test head whose rows the
+/// vocabulary lacks.
+fn check_buildable(config: &ModelConfig, spec: &SyntheticSpec) -> Result<()> {
+    let untied = !config.tie_word_embeddings;
+    let bytes = parameter_count(config, untied).and_then(|n| n.checked_mul(2)); // bf16
+    if bytes.is_none_or(|b| b > MAX_WEIGHT_BYTES) {
+        bail!(
+            "the weights would take {} bytes, past the {} GiB synth makes (it holds them in memory); check the sizes",
+            bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
+            MAX_WEIGHT_BYTES >> 30
+        );
+    }
+    let largest_eos = EOS_IDS.iter().max().copied().unwrap_or(0);
+    if spec.head == Head::EosWins && config.vocab_size <= largest_eos {
+        bail!(
+            "--head eos-wins needs the end-of-sequence ids {} and {}, but vocab_size is {}",
+            EOS_IDS[1],
+            EOS_IDS[0],
+            config.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// The number of weights of `config` (with a separate LM head when
+/// `untied`), or None past u64.
+fn parameter_count(config: &ModelConfig, untied: bool) -> Option<u64> {
+    let product = |shape: &[usize]| {
+        shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
+    };
+    let per_layer = LayerTensor::ALL
+        .iter()
+        .try_fold(0u64, |n, t| n.checked_add(product(&t.shape(config))?))?;
+    let embedding = product(&[config.vocab_size, config.hidden_size])?;
+    let heads = if untied { 2 } else { 1 };
+    per_layer
+        .checked_mul(u64::try_from(config.num_hidden_layers).ok()?)?
+        .checked_add(embedding.checked_mul(heads)?)?
+        .checked_add(u64::try_from(config.hidden_size).ok()?)
 }
 
 /// (name, shape, little-endian bf16 bytes) of every tensor, generated in

@@ -27,6 +27,17 @@ const CPU: &[&str] = &[
     "cpu",
 ];
 
+/// A copy of the real assets with `edit` applied to config.json.
+fn assets_with(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(common::assets()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    edit_json(&dir.path().join("config.json"), edit);
+    dir
+}
+
 fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut value);
@@ -133,4 +144,70 @@ fn bench_sizes_that_overflow_are_refused() {
         all.extend(args);
         assert_one_line_error(&qwen_mk(&all), "exceeds the model's context");
     }
+}
+
+#[test]
+fn synth_eos_wins_head_needs_the_eos_rows() {
+    // A vocabulary without ids 151643/151645: a panic in apply_test_head.
+    let assets = assets_with(|c| c["vocab_size"] = json!(1000));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = qwen_mk(&[
+        "synth",
+        "--out",
+        out_dir.path().to_str().unwrap(),
+        "--shape",
+        "tiny",
+        "--head",
+        "eos-wins",
+        "--assets",
+        assets.path().to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "vocab");
+}
+
+#[test]
+fn synth_names_a_broken_assets_file() {
+    // Today: "error: expected ident at line 1 column 2" (config.json) and
+    // "error: Is a directory (os error 21)" (writing config.json): no file named.
+    let assets = assets_with(|_| {});
+    std::fs::write(assets.path().join("config.json"), "nope").unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let synth = |assets: &Path, out: &Path| {
+        qwen_mk(&[
+            "synth",
+            "--out",
+            out.to_str().unwrap(),
+            "--shape",
+            "tiny",
+            "--assets",
+            assets.to_str().unwrap(),
+        ])
+    };
+    assert_one_line_error(&synth(assets.path(), out_dir.path()), "config.json");
+    let good = assets_with(|_| {});
+    std::fs::create_dir(out_dir.path().join("config.json")).unwrap();
+    assert_one_line_error(&synth(good.path(), out_dir.path()), "config.json");
+    // The weights file: its name, and the OS's reason as text, not Debug.
+    let out_dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out_dir.path().join("model.safetensors")).unwrap();
+    let out = synth(good.path(), out_dir.path());
+    assert_one_line_error(&out, "model.safetensors: I/O error: Is a directory");
+}
+
+#[test]
+fn synth_refuses_weights_it_cannot_hold() {
+    // vocab_size 10^12: the embedding alone is 128 TB; it was allocated
+    // (and the allocation aborted).
+    let assets = assets_with(|c| c["vocab_size"] = json!(1_000_000_000_000u64));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = qwen_mk_limited(&[
+        "synth",
+        "--out",
+        out_dir.path().to_str().unwrap(),
+        "--shape",
+        "tiny",
+        "--assets",
+        assets.path().to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "the weights would take 128000000148224 bytes");
 }
