@@ -216,10 +216,9 @@ fn usize_field(json: &Value, name: &str) -> Result<usize> {
     usize::try_from(n).with_context(|| format!("config field {name:?} is too large"))
 }
 
-/// The end-of-sequence ids, from `generation_config.json` when present, else
-/// from `config.json`.
+/// The end-of-sequence ids, from `generation_config.json` when it names
+/// some, else from `config.json`.
 pub fn eos_token_ids(model_dir: &Path) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
     for file in ["generation_config.json", "config.json"] {
         let path = model_dir.join(file);
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -227,17 +226,24 @@ pub fn eos_token_ids(model_dir: &Path) -> Result<Vec<u32>> {
         };
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        match json.get("eos_token_id") {
-            Some(Value::Number(n)) => ids.extend(n.as_u64()),
-            Some(Value::Array(list)) => ids.extend(list.iter().filter_map(Value::as_u64)),
-            _ => {}
-        }
+        let ids = eos_ids_in(&json).with_context(|| format!("in {}", path.display()))?;
         if !ids.is_empty() {
-            break;
+            return Ok(ids);
         }
     }
-    Ok(ids
-        .into_iter()
-        .filter_map(|id| u32::try_from(id).ok())
-        .collect())
+    Ok(Vec::new())
+}
+
+/// `eos_token_id` of one file: an id, a list of ids, or none.
+fn eos_ids_in(json: &Value) -> Result<Vec<u32>> {
+    json_field::check_object(json)?;
+    let Some(value) = json_field::get(json, "eos_token_id") else {
+        return Ok(Vec::new());
+    };
+    let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+    let ids = match value {
+        Value::Array(list) => list.iter().map(as_id).collect(),
+        single => as_id(single).map(|id| vec![id]),
+    };
+    ids.ok_or_else(|| json_field::wrong_type("eos_token_id", "a token id or a list of them", value))
 }

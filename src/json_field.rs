@@ -24,6 +24,11 @@ pub fn number(json: &Value, name: &str) -> Result<Option<f64>> {
     typed(json, name, "a number", Value::as_f64)
 }
 
+/// A whole number of zero or more (`-5`, `20.7` and `"20"` are refused).
+pub fn count(json: &Value, name: &str) -> Result<Option<u64>> {
+    typed(json, name, "a whole number of zero or more", Value::as_u64)
+}
+
 fn typed<'a, T>(
     json: &'a Value,
     name: &str,

@@ -5,10 +5,12 @@
 //! kernels/sample.cu runs, step for step in f32, so the CPU backend and the
 //! GPU pick the same token from the same logits.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
+use crate::json_field;
 use crate::kernel_dims::SAMPLE_MAX_TOP_K;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,16 +44,45 @@ impl SamplingRequest {
         if !asked || self.temperature == Some(0.0) {
             return Ok(None);
         }
-        let defaults = GenerationDefaults::read(model_dir)?;
-        let sampling = Sampling {
-            temperature: self.temperature.unwrap_or(defaults.temperature),
-            top_k: self.top_k.unwrap_or(defaults.top_k),
-            top_p: self.top_p.unwrap_or(defaults.top_p),
+        let file = GenerationDefaults::read(model_dir)?;
+        Ok(Some(Sampling {
+            temperature: file.pick(
+                ("--temperature", self.temperature),
+                ("temperature", file.temperature),
+                temperature_problem,
+            )?,
+            top_k: file.pick(
+                ("--top-k", self.top_k),
+                ("top_k", file.top_k),
+                top_k_problem,
+            )?,
+            top_p: file.pick(
+                ("--top-p", self.top_p),
+                ("top_p", file.top_p),
+                top_p_problem,
+            )?,
             seed: self.seed.unwrap_or_else(clock_seed),
-        };
-        sampling.check()?;
-        Ok(Some(sampling))
+        }))
     }
+}
+
+// What is wrong with a setting's value, if anything.
+
+fn temperature_problem(temperature: f32) -> Option<String> {
+    (!(temperature.is_finite() && temperature > 0.0))
+        .then(|| "must be a positive number (--temperature 0 decodes greedily)".to_string())
+}
+
+fn top_k_problem(top_k: usize) -> Option<String> {
+    (!(1..=SAMPLE_MAX_TOP_K).contains(&top_k)).then(|| {
+        format!(
+            "must be between 1 and {SAMPLE_MAX_TOP_K} (qwen-mk samples among at most the {SAMPLE_MAX_TOP_K} most likely tokens)"
+        )
+    })
+}
+
+fn top_p_problem(top_p: f32) -> Option<String> {
+    (!(top_p > 0.0 && top_p <= 1.0)).then(|| "must be in (0, 1]".to_string())
 }
 
 /// The settings, as `generate` and `chat` print them: "temperature 0.6,
@@ -77,25 +108,6 @@ pub fn describe(sampling: Option<Sampling>) -> serde_json::Value {
 }
 
 impl Sampling {
-    fn check(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            bail!(
-                "--temperature must be a positive number (0 for greedy decoding), not {}",
-                self.temperature
-            );
-        }
-        if !(1..=SAMPLE_MAX_TOP_K).contains(&self.top_k) {
-            bail!(
-                "--top-k must be between 1 and {SAMPLE_MAX_TOP_K} (qwen-mk samples among at most the {SAMPLE_MAX_TOP_K} most likely tokens), not {}; the checkpoint's generation_config.json may set it, --top-k overrides it",
-                self.top_k
-            );
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1], not {}", self.top_p);
-        }
-        Ok(())
-    }
-
     /// The token for position `pos` from a whole vocabulary of logits.
     pub fn sample(&self, logits: &[f32], pos: usize) -> u32 {
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
@@ -203,45 +215,92 @@ fn clock_seed() -> u64 {
 /// The sampling settings a checkpoint recommends, with transformers'
 /// defaults (temperature 1, top-k 50, top-p 1) for those it leaves out.
 struct GenerationDefaults {
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
+    path: PathBuf,
+    temperature: FileValue<f32>,
+    top_k: FileValue<usize>,
+    top_p: FileValue<f32>,
+}
+
+/// A value of generation_config.json, or transformers' default where the
+/// file has none (`in_file` false).
+#[derive(Clone, Copy)]
+struct FileValue<T> {
+    value: T,
+    in_file: bool,
+}
+
+impl<T> FileValue<T> {
+    fn default(value: T) -> Self {
+        Self {
+            value,
+            in_file: false,
+        }
+    }
+
+    fn in_file(value: T) -> Self {
+        Self {
+            value,
+            in_file: true,
+        }
+    }
 }
 
 impl GenerationDefaults {
     fn read(model_dir: &Path) -> Result<Self> {
         let mut defaults = Self {
-            temperature: 1.0,
-            top_k: 50,
-            top_p: 1.0,
+            path: model_dir.join("generation_config.json"),
+            temperature: FileValue::default(1.0),
+            top_k: FileValue::default(50),
+            top_p: FileValue::default(1.0),
         };
-        let path = model_dir.join("generation_config.json");
+        let path = &defaults.path;
         if !path.is_file() {
             return Ok(defaults);
         }
-        let text = std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
+        let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let number = |name: &str| -> Result<Option<f64>> {
-            match json.get(name) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .with_context(|| format!("{name} in {} is not a number", path.display())),
-            }
-        };
-        if let Some(t) = number("temperature")? {
-            defaults.temperature = t as f32;
-        }
-        if let Some(k) = number("top_k")? {
-            defaults.top_k = k as usize;
-        }
-        if let Some(p) = number("top_p")? {
-            defaults.top_p = p as f32;
-        }
+        let in_path = format!("in {}", path.display());
+        defaults.read_settings(&json).context(in_path)?;
         Ok(defaults)
+    }
+
+    /// The file's settings, of the types transformers writes them in.
+    fn read_settings(&mut self, json: &Value) -> Result<()> {
+        json_field::check_object(json)?;
+        if let Some(t) = json_field::number(json, "temperature")? {
+            self.temperature = FileValue::in_file(t as f32);
+        }
+        if let Some(k) = json_field::count(json, "top_k")? {
+            self.top_k = FileValue::in_file(usize::try_from(k).unwrap_or(usize::MAX));
+        }
+        if let Some(p) = json_field::number(json, "top_p")? {
+            self.top_p = FileValue::in_file(p as f32);
+        }
+        Ok(())
+    }
+
+    /// A setting: the command line's value (`flag`), else this file's
+    /// (`field`), checked by `problem`; an error names where the value
+    /// came from.
+    fn pick<T: Copy + std::fmt::Display>(
+        &self,
+        (flag, given): (&str, Option<T>),
+        (field, file): (&str, FileValue<T>),
+        problem: fn(T) -> Option<String>,
+    ) -> Result<T> {
+        let value = given.unwrap_or(file.value);
+        let Some(why) = problem(value) else {
+            return Ok(value);
+        };
+        if given.is_none() && file.in_file {
+            bail!(
+                "{field} in {} {why}, not {value}; pass {flag} to override it",
+                self.path.display()
+            );
+        }
+        bail!("{flag} {why}, not {value}")
     }
 }
 

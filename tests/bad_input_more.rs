@@ -119,6 +119,53 @@ fn config_fields_of_the_wrong_type_are_refused() {
     }
 }
 
+/// `generate` on the CPU with `file` as generation_config.json.
+fn generate_with_generation_config(file: &str, extra: &[&str]) -> Output {
+    let dir = tiny_checkpoint(3, true);
+    std::fs::write(dir.path().join("generation_config.json"), file).unwrap();
+    let mut args = CPU.to_vec();
+    args.extend_from_slice(extra);
+    generate(dir.path(), &args)
+}
+
+#[test]
+fn generation_config_values_are_reported_as_written() {
+    // top_k -5 was cast to 0 and reported as "--top-k ... not 0", 20.7
+    // silently became 20, a temperature of 0 in the file was blamed on
+    // --temperature; a file that is no object, or an eos_token_id that is
+    // no id, was ignored.
+    let sample: &[&str] = &["--sample"];
+    for (file, extra, needle) in [
+        (
+            r#"{"top_k": -5}"#,
+            sample,
+            "top_k must be a whole number of zero or more, found -5",
+        ),
+        (r#"{"top_k": 20.7}"#, sample, "found 20.7"),
+        (r#"{"temperature": 0}"#, sample, "temperature in "),
+        (r#"{"top_k": 0}"#, sample, "top_k in "),
+        ("[1, 2]", &[], "must hold a JSON object"),
+        ("[1, 2]", sample, "must hold a JSON object"),
+        (r#"{"eos_token_id": "abc"}"#, &[], "eos_token_id must be"),
+    ] {
+        let out = generate_with_generation_config(file, extra);
+        assert_one_line_error(&out, "generation_config.json");
+        assert_one_line_error(&out, needle);
+    }
+    // A value the command line overrides is not used, so not refused.
+    for (file, flag) in [
+        (r#"{"temperature": 0}"#, ["--temperature", "0.5"]),
+        (r#"{"top_k": 0}"#, ["--top-k", "3"]),
+    ] {
+        let out = generate_with_generation_config(file, &flag);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 // --- bench, parity, synth ---
 
 #[test]
