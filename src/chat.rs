@@ -14,7 +14,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::backend::Backend;
@@ -98,6 +98,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", text));
         let prompt_ids = tokenizer.encode(&template.render(&messages, thinking)?)?;
+        checkpoint
+            .config
+            .check_token_ids("the conversation", &prompt_ids)
+            .context("tokenizer.json does not match the checkpoint")?;
         // The decoder holds the prompt and every answer token but the last.
         let room = (context + 1).saturating_sub(prompt_ids.len());
         if room == 0 {

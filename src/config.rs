@@ -115,6 +115,23 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Fails when an id in `ids` has no row in the embedding: a tokenizer
+    /// (or a reference file) made for another vocabulary. `what` names the
+    /// ids; callers say what does not match.
+    pub fn check_token_ids<'a>(
+        &self,
+        what: &str,
+        ids: impl IntoIterator<Item = &'a u32>,
+    ) -> Result<()> {
+        if let Some(id) = ids.into_iter().find(|&&id| id as usize >= self.vocab_size) {
+            bail!(
+                "{what} has token id {id}, but config.json's vocab_size is {}",
+                self.vocab_size
+            );
+        }
+        Ok(())
+    }
+
     /// Every field that differs from what the fused kernels were compiled
     /// for, as `name: checkpoint has X, kernels need Y` lines; empty when the
     /// GPU path can run this checkpoint.

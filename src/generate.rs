@@ -44,6 +44,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt encodes to no tokens; pass some text with --prompt");
     }
+    config
+        .check_token_ids("the prompt", &prompt_ids)
+        .context("tokenizer.json does not match the checkpoint")?;
     if prompt_ids.len() + args.max_new_tokens > limit {
         bail!(
             "the prompt ({} tokens) plus --max-new-tokens {} exceeds the model's context of {limit} tokens; shorten one of them",

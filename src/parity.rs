@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::ParityArgs;
+use crate::config::ModelConfig;
 use crate::cpu_reference::{argmax, logprobs_at};
 use crate::gpu::GpuDecoder;
 use crate::sampling::Sampling;
@@ -180,6 +181,15 @@ fn check_sampler(
     Ok((0..steps).filter(|&s| drawn[s] != expected[s]).collect())
 }
 
+/// Every id of the reference must have a row in the checkpoint's
+/// vocabulary: they index the embedding on the GPU and the logits on the
+/// host, and are checked before the GPU starts.
+fn check_reference_ids(reference: &Reference, config: &ModelConfig) -> Result<()> {
+    config.check_token_ids("prompt_ids", &reference.prompt_ids)?;
+    config.check_token_ids("truth.ids", &reference.truth.ids)?;
+    config.check_token_ids("truth.top_ids", reference.truth.top_ids.iter().flatten())
+}
+
 /// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
 /// problem.
 pub fn run(args: &ParityArgs) -> Result<bool> {
@@ -189,6 +199,12 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         .clone()
         .unwrap_or_else(|| reference.model.dir.clone());
     let checkpoint = Checkpoint::open(Path::new(&model_dir))?;
+    check_reference_ids(&reference, &checkpoint.config).with_context(|| {
+        format!(
+            "reference {} does not fit checkpoint {model_dir}",
+            args.reference.display()
+        )
+    })?;
     for (key, value) in &reference.model.metadata {
         if key.starts_with("qwen_mk") && checkpoint.metadata.get(key) != Some(value) {
             bail!(

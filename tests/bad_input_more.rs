@@ -4,10 +4,12 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
+use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qwen-mk");
@@ -44,6 +46,35 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
     std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
 }
 
+/// A consistent checkpoint (tensors of the shapes its config implies) of a
+/// tiny model with `edit` applied to the config: Shape::Qwen3_0_6B takes the
+/// assets' config as it is, so the dimensions set here are the ones written.
+fn small_checkpoint(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+    let assets = assets_with(|c| {
+        for (key, value) in [
+            ("hidden_size", 64),
+            ("num_hidden_layers", 2),
+            ("max_window_layers", 2),
+            ("num_attention_heads", 4),
+            ("num_key_value_heads", 2),
+            ("head_dim", 16),
+            ("intermediate_size", 128),
+        ] {
+            c[key] = json!(value);
+        }
+        edit(c);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SyntheticSpec {
+        shape: Shape::Qwen3_0_6B,
+        seed: 1,
+        tied: true,
+        head: Head::Random,
+    };
+    write_checkpoint(dir.path(), assets.path(), &spec).unwrap();
+    dir
+}
+
 /// Runs qwen-mk under a 2 GB address-space limit, so that a run away with
 /// the memory fails fast instead of taking the machine down.
 fn qwen_mk_limited(args: &[&str]) -> Output {
@@ -56,7 +87,49 @@ fn qwen_mk_limited(args: &[&str]) -> Output {
         .unwrap()
 }
 
+fn qwen_mk_with_bytes(args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn assert_no_panic(out: &Output) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "panicked: {stderr}");
+    assert_ne!(out.status.code(), None, "killed by a signal: {stderr}");
+}
+
 // --- checkpoints and their JSON files ---
+
+#[test]
+fn prompt_ids_past_the_config_vocabulary() {
+    // Real tokenizer (151,669 tokens), config vocab_size 1000: "hello" is id
+    // 14990. Today: a panic in cpu_reference.rs (embedding row out of range).
+    let dir = small_checkpoint(|c| c["vocab_size"] = json!(1000));
+    assert_one_line_error(&generate(dir.path(), CPU), "vocab");
+    let model = dir.path().to_str().unwrap();
+    let chat = qwen_mk_with_bytes(
+        &[
+            "chat",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+        ],
+        b"hello\n",
+    );
+    assert_no_panic(&chat);
+    assert!(!chat.status.success());
+}
 
 /// Runs `generate` on the CPU on a tiny checkpoint whose config.json has
 /// `edit` applied after its tensors were written.
@@ -191,6 +264,30 @@ fn bench_sizes_that_overflow_are_refused() {
         all.extend(args);
         assert_one_line_error(&qwen_mk(&all), "exceeds the model's context");
     }
+}
+
+#[test]
+fn parity_ids_outside_the_vocabulary_are_refused_before_the_gpu() {
+    // truth.top_ids are indexed into the logits on the host
+    // (cpu_reference::logprobs_at): an id past the vocabulary panics after
+    // the whole GPU run. Reference::load can check them against config.json.
+    let dir = common::full_size_checkpoint(1);
+    let mut reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::reference_file("tokens.json")).unwrap(),
+    )
+    .unwrap();
+    reference["truth"]["top_ids"][0][0] = json!(999_999_999u64);
+    let path = dir.path().join("bad-ref.json");
+    std::fs::write(&path, reference.to_string()).unwrap();
+    let out = qwen_mk(&[
+        "parity",
+        "--ref",
+        path.to_str().unwrap(),
+        "--model",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "999999999");
 }
 
 #[test]
