@@ -8,10 +8,12 @@
 //! the template rewrote it, and the new message) goes through prefill.
 //!
 //! `/clear` starts a new conversation (keeping --system), `/exit`, `/quit`
-//! or the end of input ends. A message that would not fit the context is
-//! refused with an error line, and the conversation goes on.
+//! or the end of input ends. A message that would not fit the context, or
+//! a line that is not UTF-8 text, is refused with an error line, and the
+//! conversation goes on; a line longer than any conversation of the context
+//! could be (/dev/zero on stdin) ends it with an error.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -23,7 +25,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::ChatArgs;
 use crate::config::eos_token_ids;
 use crate::model_source;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{max_text_bytes, Tokenizer};
 
 pub fn run(args: &ChatArgs) -> Result<()> {
     let load_start = Instant::now();
@@ -75,16 +77,26 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         );
     }
     let mut lines = stdin.lock();
+    let line_limit = max_text_bytes(context);
+    let mut line_number = 0;
     let mut turn = 0;
     loop {
         if interactive {
             eprint!("> ");
             std::io::stderr().flush()?;
         }
-        let mut line = String::new();
-        if lines.read_line(&mut line)? == 0 {
-            break; // end of input
-        }
+        line_number += 1;
+        let line = match read_line(&mut lines, line_limit)? {
+            InputLine::End => break,
+            InputLine::Text(text) => text,
+            InputLine::NotUtf8 => {
+                eprintln!("error: line {line_number} of standard input is not UTF-8 text; it is skipped");
+                continue;
+            }
+            InputLine::TooLong => bail!(
+                "line {line_number} of standard input is over {line_limit} bytes, more than a conversation of {context} tokens can hold (chat reads one message a line)"
+            ),
+        };
         let text = line.trim_end_matches(['\n', '\r']);
         match text.trim() {
             "" => continue,
@@ -161,4 +173,31 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One line of the input, as `read_line` found it.
+enum InputLine {
+    /// The line, its end of line included.
+    Text(String),
+    NotUtf8,
+    /// Over the limit without an end of line (the rest is not read).
+    TooLong,
+    End,
+}
+
+/// Reads one line of `input`, but no more than `limit` bytes of it.
+fn read_line(input: &mut impl BufRead, limit: usize) -> Result<InputLine> {
+    let mut bytes = Vec::new();
+    input
+        .by_ref()
+        .take(limit as u64 + 1)
+        .read_until(b'\n', &mut bytes)
+        .context("cannot read standard input")?;
+    if bytes.is_empty() {
+        return Ok(InputLine::End);
+    }
+    if bytes.len() > limit && bytes.last() != Some(&b'\n') {
+        return Ok(InputLine::TooLong);
+    }
+    Ok(String::from_utf8(bytes).map_or(InputLine::NotUtf8, InputLine::Text))
 }

@@ -2,10 +2,11 @@
 //! GPU kernels or the CPU reference, streamed as text or reported as one
 //! JSON object.
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 
 use crate::backend::Backend;
@@ -14,13 +15,9 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::GenerateArgs;
 use crate::config::eos_token_ids;
 use crate::model_source;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{max_text_bytes, Tokenizer};
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let prompt = read_prompt(args)?;
-    if prompt.is_empty() {
-        bail!("the prompt is empty; pass some text with --prompt or --prompt-file");
-    }
     let load_start = Instant::now();
     let dir = model_source::resolve(&args.model.model)?;
     let checkpoint = Checkpoint::open(&dir)?;
@@ -28,6 +25,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let limit = config.max_position_embeddings;
     if args.max_new_tokens == 0 || args.max_new_tokens > limit {
         bail!("--max-new-tokens must be between 1 and {limit} (the model's context)");
+    }
+    // Read once the context is known, which bounds the read; the wait for
+    // the prompt is not loading time.
+    let read_start = Instant::now();
+    let prompt = read_prompt(args, limit)?;
+    let prompt_wait = read_start.elapsed();
+    if prompt.is_empty() {
+        bail!("the prompt is empty; pass some text with --prompt or --prompt-file");
     }
     let tokenizer = Tokenizer::from_model_dir(&dir)?;
     let prompt_text = if args.chat {
@@ -81,7 +86,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         sampling,
         !args.token_by_token,
     )?;
-    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let load_ms = load_start
+        .elapsed()
+        .saturating_sub(prompt_wait)
+        .as_secs_f64()
+        * 1e3;
     let turn = backend.generate(&prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
     let (first_token_ms, rest_ms) = (turn.first_token_ms, turn.rest_ms);
     let (device_name, prompt_note) = (backend.device_name(), turn.prompt_note);
@@ -122,24 +131,34 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The prompt: --prompt's text, or --prompt-file's contents (`-`: stdin).
-fn read_prompt(args: &GenerateArgs) -> Result<String> {
+/// The prompt: --prompt's text, or --prompt-file's contents (`-`: stdin),
+/// read no further than a prompt that fits `context` tokens can reach (an
+/// endless input, /dev/zero or `yes |`, is refused, not read until the
+/// memory runs out).
+fn read_prompt(args: &GenerateArgs, context: usize) -> Result<String> {
     let Some(path) = &args.prompt_file else {
         return Ok(args.prompt.clone().unwrap_or_default());
     };
-    let text = if path.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the prompt from standard input (is it UTF-8 text?)")?;
-        text
+    let (source, input): (String, Box<dyn Read>) = if path.as_os_str() == "-" {
+        (
+            "the prompt on standard input".to_string(),
+            Box::new(std::io::stdin()),
+        )
     } else {
-        std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read the prompt file {} (does it exist, and is it UTF-8 text?)",
-                path.display()
-            )
-        })?
+        let source = format!("the prompt file {}", path.display());
+        let file = File::open(path).with_context(|| format!("cannot read {source}"))?;
+        (source, Box::new(file))
     };
-    Ok(text)
+    let limit = max_text_bytes(context);
+    let mut bytes = Vec::new();
+    input
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {source}"))?;
+    if bytes.len() > limit {
+        bail!(
+            "{source} is over {limit} bytes, more than the model's context of {context} tokens can hold; shorten it"
+        );
+    }
+    String::from_utf8(bytes).map_err(|_| anyhow!("{source} is not UTF-8 text"))
 }

@@ -65,3 +65,12 @@ impl TextStream<'_> {
         Ok(text.unwrap_or_default())
     }
 }
+
+/// The most bytes of text that a prompt of `tokens` tokens can take, with
+/// room to spare: four times Qwen3's longest token (128 bytes), since Unicode
+/// normalisation may shorten text before it is split (at most threefold).
+/// Prompt reads stop here, so that an endless input is refused instead of
+/// read until the memory runs out.
+pub fn max_text_bytes(tokens: usize) -> usize {
+    tokens.saturating_mul(512)
+}

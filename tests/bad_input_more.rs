@@ -239,6 +239,100 @@ fn generation_config_values_are_reported_as_written() {
     }
 }
 
+// --- prompts and conversations ---
+
+#[test]
+fn a_huge_prompt_file_is_refused_without_reading_it_all() {
+    // An 8 GB (sparse) prompt file: read_to_string takes it whole, then the
+    // tokenizer encodes all of it (5 MB took 8 s and 680 MB). A prompt that
+    // cannot fit the context should be refused after a bounded read.
+    let dir = tiny_checkpoint(3, true);
+    let prompt = dir.path().join("huge.txt");
+    std::fs::File::create(&prompt)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let out = qwen_mk_limited(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt-file",
+        prompt.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_one_line_error(&out, "context");
+}
+
+#[test]
+fn chat_refuses_a_line_that_is_not_utf8_and_goes_on() {
+    // Today: "error: stream did not contain valid UTF-8" (no word of where)
+    // and the conversation ends; a message too long for the context is
+    // refused with an error line and the conversation goes on, so should this.
+    let dir = tiny_checkpoint(3, true);
+    let model = dir.path().to_str().unwrap();
+    let out = qwen_mk_with_bytes(
+        &[
+            "chat",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--json",
+            "--max-new-tokens",
+            "1",
+        ],
+        b"\xff\xfe\nhi\n",
+    );
+    assert_no_panic(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("UTF-8") && errors[0].contains("input"),
+        "{stderr}"
+    );
+    let turns = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(
+        turns, 1,
+        "the message after the bad line gets an answer; stderr: {stderr}"
+    );
+}
+
+#[test]
+fn endless_input_is_refused_after_a_bounded_read() {
+    // /dev/zero on stdin: `generate --prompt-file -` read it whole
+    // (read_to_string) and chat read one endless line (read_line), until
+    // the memory ran out.
+    let dir = tiny_checkpoint(3, true);
+    let model = dir.path().to_str().unwrap();
+    for args in [
+        vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt-file",
+            "-",
+            "--device",
+            "cpu",
+        ],
+        vec!["chat", "--model", model, "--device", "cpu"],
+    ] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -v 2000000; exec \"$0\" \"$@\" < /dev/zero")
+            .arg(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_one_line_error(&out, "more than");
+        assert_one_line_error(&out, "of 40960 tokens can hold");
+    }
+}
+
 // --- bench, parity, synth ---
 
 #[test]
