@@ -27,6 +27,10 @@ use crate::config::eos_token_ids;
 use crate::model_source;
 use crate::tokenizer::{max_text_bytes, Tokenizer};
 
+/// Answers stop here unless --max-new-tokens (or a smaller context) says
+/// otherwise.
+const DEFAULT_MAX_NEW_TOKENS: usize = 2048;
+
 pub fn run(args: &ChatArgs) -> Result<()> {
     let load_start = Instant::now();
     let dir = model_source::resolve(&args.model.model)?;
@@ -36,7 +40,10 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     if !(2..=limit).contains(&context) {
         bail!("--context must be between 2 and {limit} (the model's context)");
     }
-    if args.max_new_tokens == 0 || args.max_new_tokens >= context {
+    let max_new_tokens = args
+        .max_new_tokens
+        .unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(context - 1));
+    if max_new_tokens == 0 || max_new_tokens >= context {
         bail!(
             "--max-new-tokens must be between 1 and {} (less than the context of {context})",
             context - 1
@@ -136,7 +143,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             }
             Ok(())
         };
-        let timings = backend.generate(&prompt_ids, args.max_new_tokens.min(room), &eos, emit)?;
+        let timings = backend.generate(&prompt_ids, max_new_tokens.min(room), &eos, emit)?;
         let hit_eos = answer.last().is_some_and(|t| eos.contains(t));
         let text = tokenizer.decode(&answer[..answer.len() - usize::from(hit_eos)])?;
         messages.push(Message::new("assistant", &text));

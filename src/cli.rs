@@ -135,9 +135,10 @@ pub struct ChatArgs {
     /// Ask Qwen3 to answer without its <think> block.
     #[arg(long)]
     pub no_think: bool,
-    /// Stop each answer after this many tokens (or at an end-of-sequence token).
-    #[arg(long, default_value_t = 2048)]
-    pub max_new_tokens: usize,
+    /// Stop each answer after this many tokens (or at an end-of-sequence
+    /// token) [default: 2048, or the context less one if that is smaller]
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// Positions the conversation may fill (default: the model's context).
     #[arg(long)]
     pub context: Option<usize>,

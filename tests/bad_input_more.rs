@@ -333,6 +333,32 @@ fn endless_input_is_refused_after_a_bounded_read() {
     }
 }
 
+#[test]
+fn chat_context_below_the_default_answer_length() {
+    // --context 100 alone fails with "--max-new-tokens must be between 1 and
+    // 99", a flag the user did not pass: its default (2048) should be capped.
+    let dir = tiny_checkpoint(3, true);
+    let model = dir.path().to_str().unwrap();
+    let out = qwen_mk_with_bytes(
+        &[
+            "chat",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--context",
+            "100",
+            "--json",
+        ],
+        b"hi\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // --- bench, parity, synth ---
 
 #[test]
