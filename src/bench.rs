@@ -2,6 +2,7 @@
 //! of repeats), against the floor set by the bytes a step must read and the
 //! read bandwidth measured on the same device.
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -108,6 +109,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
+    let mut out = std::io::stdout().lock();
     if args.json {
         let report = json!({
             "gpu": decoder.device.name,
@@ -133,10 +135,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait,
                 "kernel_span_us": prof.kernel_span_us, "between_kernels_us": prof.between_kernels_us}) }).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{} ({} SMs), read bandwidth {:.0} GB/s; {} steps x {} repeats, median; model {}",
         decoder.device.name,
         decoder.device.sm_count,
@@ -144,47 +147,55 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.steps,
         args.repeats,
         Path::new(&dir).display()
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{:>9} {:>10} {:>9} {:>11} {:>10} {:>8} {:>10} {:>10}",
         "position", "ms/token", "tok/s", "MB/step", "floor ms", "% floor", "graph ms", "host ms"
-    );
+    )?;
     for (position, ms, graph_ms, host_ms, floor, bytes) in &rows {
-        println!(
+        writeln!(
+            out,
             "{position:>9} {ms:>10.4} {:>9.1} {:>11.1} {floor:>10.4} {:>7.1}% {graph_ms:>10.4} {host_ms:>10.4}",
             1e3 / ms,
             *bytes as f64 / 1e6,
             100.0 * floor / ms
-        );
+        )?;
     }
-    println!("(graph ms: the same steps replayed from a {GRAPH_STEPS}-step CUDA graph; host ms: time to enqueue one step)");
+    writeln!(out, "(graph ms: the same steps replayed from a {GRAPH_STEPS}-step CUDA graph; host ms: time to enqueue one step)")?;
     // Without the LM head, which advances the position, every decode step
     // of the run is at position 0: no cached keys to attend to.
-    println!(
+    writeln!(
+        out,
         "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (every step at position 0)"
-    );
+    )?;
     if !prefill_rows.is_empty() {
-        println!(
+        writeln!(
+            out,
             "time to first token (prompt ids on the GPU -> batched prefill -> LM head -> token), attention kernel {}:",
             decoder.device.prefill.attention_name
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "{:>14} {:>10} {:>14} {:>9}",
             "prompt tokens", "ms", "prompt tok/s", "TFLOP/s"
-        );
+        )?;
         for (n, ms) in &prefill_rows {
-            println!(
+            writeln!(
+                out,
                 "{n:>14} {ms:>10.3} {:>14.0} {:>9.1}",
                 *n as f64 / ms * 1e3,
                 prefill_flops(*n, decoder.vocab) / ms * 1e-9
-            );
+            )?;
         }
     }
     if !profiles.is_empty() {
-        println!(
+        writeln!(
+            out,
             "decode kernel phases, us per layer as block 0 sees them: waiting for inputs + working"
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "{:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7} {:>18} {:>11}",
             "position",
             "A qkv",
@@ -195,12 +206,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "layer",
             "producer waits",
             "rows late"
-        );
+        )?;
         for (position, profile) in &profiles {
             let t = &profile.phase_us;
             let cell = |i: usize| format!("{:.2}+{:.2}", t[i][0], t[i][1]);
             let [slot, copy] = profile.producer_waits;
-            println!(
+            writeln!(
+                out,
                 "{position:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7.2}   slot {:>3.0}% copy {:>3.0}% {:>10.0}%",
                 cell(0),
                 cell(1),
@@ -211,16 +223,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 slot * 100.0,
                 copy * 100.0,
                 profile.consumer_ring_wait * 100.0
-            );
+            )?;
         }
         for (position, profile) in &profiles {
-            println!(
+            writeln!(
+                out,
                 "{position:>9} decode kernel {:.1} us from the first block's start to the last block's end, then {:.1} us to the next step's start (LM head and launches)",
                 profile.kernel_span_us, profile.between_kernels_us
-            );
+            )?;
         }
-        println!("(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)");
-        println!("handoffs over all blocks, us per layer: the last writer's end after the median writer's (straggle), and the median reader's inputs after the last writer's end (latency); the writers most often last");
+        writeln!(out, "(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)")?;
+        writeln!(out, "handoffs over all blocks, us per layer: the last writer's end after the median writer's (straggle), and the median reader's inputs after the last writer's end (latency); the writers most often last")?;
         for (position, profile) in &profiles {
             for (name, h) in ["A qkv", "B attn", "C o", "D gate/up", "E down"]
                 .iter()
@@ -231,12 +244,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     .iter()
                     .map(|(b, share)| format!("{b} ({:.0}%)", share * 100.0))
                     .collect();
-                println!(
+                writeln!(
+                    out,
                     "{position:>9} {name:>11}   straggle {:>5.2}   latency {:>5.2}   last: {}",
                     h.straggle_us,
                     h.latency_us,
                     last.join(", ")
-                );
+                )?;
             }
         }
     }

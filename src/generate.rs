@@ -94,7 +94,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let turn = backend.generate(&prompt_ids, args.max_new_tokens, &eos, &mut emit)?;
     let (first_token_ms, rest_ms) = (turn.first_token_ms, turn.rest_ms);
     let (device_name, prompt_note) = (backend.device_name(), turn.prompt_note);
-    drop(stdout);
 
     let hit_eos = generated.last().is_some_and(|t| eos.contains(t));
     let tokens_per_s = turn.decode_tokens_per_s(generated.len());
@@ -115,9 +114,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 "decode_tokens_per_s": tokens_per_s,
             },
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!();
+        writeln!(stdout)?;
         eprintln!(
             "[{} tokens{}; first after {first_token_ms:.1} ms (prompt of {} tokens{prompt_note}), then {tokens_per_s:.1} tok/s on {device_name}]",
             generated.len(),

@@ -11,6 +11,7 @@
 //! (`generate --sample`), run on the same steps, must draw at each the token
 //! the CPU's sampler draws from the same logits.
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -219,13 +220,15 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
     let truth = &reference.truth;
     let steps = truth.ids.len();
     let mut decoder = GpuDecoder::new(&checkpoint, prompt.len() + steps, args.gpu)?;
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "parity: {} on {} ({} blocks), prompt {} tokens, {steps} steps",
         args.reference.display(),
         decoder.device.name,
         decoder.decode_blocks,
         prompt.len()
-    );
+    )?;
 
     if !args.token_by_token {
         if let Some(why) = decoder.prefill_unavailable() {
@@ -233,14 +236,15 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         }
     }
     let batched = !args.token_by_token;
-    println!(
+    writeln!(
+        out,
         "prompt path: {}",
         if batched {
             "batched prefill"
         } else {
             "decode kernel, one token at a time"
         }
-    );
+    )?;
 
     // Teacher-forced on the truth's sequence.
     let sequence: Vec<u32> = prompt.iter().chain(&truth.ids).copied().collect();
@@ -270,10 +274,11 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             .zip(&our_top1)
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        println!(
+        writeln!(
+            out,
             "FAIL: the LM-head kernel's argmax ({}) differs from the argmax of its own logits ({}) at step {step}",
             kernel_top1[step], our_top1[step]
-        );
+        )?;
         return Ok(false);
     }
 
@@ -291,17 +296,19 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         free.push(t);
         Ok(())
     })?;
-    println!("\nfree-running greedy vs the float32 truth (near-tie steps marked ~; agreement is required up to the first, step {first_near_tie}):");
-    println!(
+    writeln!(out, "\nfree-running greedy vs the float32 truth (near-tie steps marked ~; agreement is required up to the first, step {first_near_tie}):")?;
+    writeln!(
+        out,
         "{:>6} {:>8} {:>8}  {:<24} {:<24} match",
         "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text"
-    );
+    )?;
     let mut free_mismatch = None;
     for (step, (&r, &o)) in truth.ids.iter().zip(&free).enumerate() {
         if r != o && free_mismatch.is_none() && step < first_near_tie {
             free_mismatch = Some(step);
         }
-        println!(
+        writeln!(
+            out,
             "{:>6} {:>8} {:>8}  {:<24} {:<24} {}{}",
             prompt.len() + step,
             r,
@@ -310,9 +317,12 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             format!("{:?}", tokenizer.decode(&[o])?),
             if r == o { "ok" } else { "differs" },
             if near_tie[step] { " ~" } else { "" }
-        );
+        )?;
         if r != o {
-            println!("       (the sequences part here; later rows compare different contexts)");
+            writeln!(
+                out,
+                "       (the sequences part here; later rows compare different contexts)"
+            )?;
             break;
         }
     }
@@ -323,15 +333,18 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         && top1_misses.is_empty()
         && free_mismatch.is_none()
         && sampler_misses.is_empty();
-    println!(
+    writeln!(
+        out,
         "\nteacher-forced logprob error vs float32 truth (top-20 ids, {steps} steps):\n  qwen-mk           mean {our_mean:.5}  max {our_max:.5}\n  transformers-bf16 mean {peer_mean:.5}  max {peer_max:.5}"
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "near-ties (truth top-2 margin < {peer_max:.5}): {}; top-1 mismatches outside near-ties: {:?}",
         near_tie.iter().filter(|&&t| t).count(),
         top1_misses
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "{}: qwen-mk error {} transformers-bf16's (mean {our_mean:.5} vs {peer_mean:.5}, max {our_max:.5} vs {peer_max:.5}); top-1 {} at all {} non-near-tie steps; free-running greedy {}; sampler {}",
         if pass { "PASS" } else { "FAIL" },
         if our_mean <= peer_mean && our_max <= peer_max { "is within" } else { "EXCEEDS" },
@@ -346,7 +359,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         } else {
             format!("DIFFERS from the CPU's draws at steps {sampler_misses:?}")
         }
-    );
+    )?;
     if let Some(path) = &args.json {
         let report = json!({
             "reference": args.reference.display().to_string(),

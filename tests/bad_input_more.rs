@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -334,6 +334,23 @@ fn endless_input_is_refused_after_a_bounded_read() {
 }
 
 #[test]
+fn a_download_error_gives_its_cause_once() {
+    // hf-hub's errors repeat their source's text: the URL and "Connection
+    // refused" were printed three times on one line.
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["generate", "--model", "Qwen/NoSuchModel", "--prompt", "hi"])
+        .env("HF_HOME", cache.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "cannot download config.json of Qwen/NoSuchModel");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("127.0.0.1:9/Qwen").count(), 1, "{stderr}");
+}
+
+#[test]
 fn chat_context_below_the_default_answer_length() {
     // --context 100 alone fails with "--max-new-tokens must be between 1 and
     // 99", a flag the user did not pass: its default (2048) should be capped.
@@ -357,6 +374,37 @@ fn chat_context_below_the_default_answer_length() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn output_to_a_closed_stdout_ends_quietly() {
+    // `qwen-mk generate --json ... | true`: println! panicked with "failed
+    // printing to stdout: Broken pipe" (generate.rs), and streamed text
+    // ended in "error: Broken pipe (os error 32)". The reader chose to stop:
+    // nothing on stderr, and the status a shell gives a program SIGPIPE
+    // ends (main.rs says why).
+    let dir = tiny_checkpoint(3, true);
+    for output in ["--json", "--ignore-eos"] {
+        let mut args = vec!["generate", "--model", dir.path().to_str().unwrap(), output];
+        args.extend_from_slice(CPU);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader goes away before any output
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(141), "{output}: {stderr}");
+        assert_eq!(stderr, "", "{output}");
+    }
 }
 
 // --- bench, parity, synth ---
