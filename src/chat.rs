@@ -50,7 +50,8 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         );
     }
     let tokenizer = Tokenizer::from_model_dir(&dir)?;
-    let template = ChatTemplate::from_model_dir(&dir)?;
+    let template =
+        ChatTemplate::from_model_dir(&dir).context("chat needs the model's chat template")?;
     let sampling = args.sampling.request(true).resolve(&dir)?;
     let eos = eos_token_ids(&dir)?;
     let mut backend = Backend::open(
@@ -117,6 +118,9 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", text));
         let prompt_ids = tokenizer.encode(&template.render(&messages, thinking)?)?;
+        if prompt_ids.is_empty() {
+            bail!("the model's chat template rendered nothing for this conversation; check its chat template");
+        }
         checkpoint
             .config
             .check_token_ids("the conversation", &prompt_ids)
@@ -125,8 +129,13 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         let room = (context + 1).saturating_sub(prompt_ids.len());
         if room == 0 {
             messages.pop();
+            let larger = if context < limit {
+                ", or run with a larger --context"
+            } else {
+                ""
+            };
             eprintln!(
-                "error: with this message the conversation is {} tokens, more than the context of {context}; /clear to start over, or run with a larger --context",
+                "error: with this message the conversation is {} tokens, more than the context of {context}; /clear to start over{larger}",
                 prompt_ids.len()
             );
             continue;

@@ -40,12 +40,10 @@ impl ChatTemplate {
             return Ok(Self { source });
         }
         let config_path = dir.join("tokenizer_config.json");
-        let text = std::fs::read_to_string(&config_path).with_context(|| {
-            format!(
-                "--chat needs the model's chat template, but {} cannot be read",
-                config_path.display()
-            )
-        })?;
+        // Errors say what is wrong with the files; callers say what needed
+        // the template (`generate --chat`, `chat`).
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?;
         let config: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
         let source = match config.get("chat_template") {
@@ -57,10 +55,7 @@ impl ChatTemplate {
                 .and_then(|t| t.get("template").and_then(Value::as_str))
                 .map(str::to_string)
                 .context("tokenizer_config.json has no default chat template")?,
-            _ => bail!(
-                "{} has no chat_template; run without --chat",
-                config_path.display()
-            ),
+            _ => bail!("{} has no chat_template", config_path.display()),
         };
         Ok(Self { source })
     }

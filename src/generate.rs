@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -36,12 +37,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     let tokenizer = Tokenizer::from_model_dir(&dir)?;
     let prompt_text = if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(Message::new("system", system));
-        }
-        messages.push(Message::new("user", &prompt));
-        ChatTemplate::from_model_dir(&dir)?.render(&messages, args.no_think.then_some(false))?
+        chat_prompt(args, &dir, &prompt)?
     } else {
         prompt
     };
@@ -128,6 +124,23 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt wrapped as a user message (after --system's) in the model's
+/// chat template.
+fn chat_prompt(args: &GenerateArgs, dir: &Path, prompt: &str) -> Result<String> {
+    let template = ChatTemplate::from_model_dir(dir)
+        .context("--chat needs the model's chat template (or run without --chat)")?;
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message::new("system", system));
+    }
+    messages.push(Message::new("user", prompt));
+    let text = template.render(&messages, args.no_think.then_some(false))?;
+    if text.is_empty() {
+        bail!("the model's chat template rendered nothing for this prompt; check its chat template, or run without --chat");
+    }
+    Ok(text)
 }
 
 /// The prompt: --prompt's text, or --prompt-file's contents (`-`: stdin),

@@ -207,11 +207,12 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         )
     })?;
     for (key, value) in &reference.model.metadata {
-        if key.starts_with("qwen_mk") && checkpoint.metadata.get(key) != Some(value) {
+        let found = checkpoint.metadata.get(key);
+        if key.starts_with("qwen_mk") && found != Some(value) {
+            let found = found.map_or("absent".to_string(), |v| format!("{v:?}"));
             bail!(
-                "checkpoint {model_dir} is not the one the reference was made from ({key} is {:?}, the reference says {value:?}); \
-                 regenerate it as reference/README.md says",
-                checkpoint.metadata.get(key)
+                "checkpoint {model_dir} is not the one the reference was made from ({key} is {found}, the reference says {value:?}); \
+                 regenerate it as reference/README.md says"
             );
         }
     }

@@ -334,6 +334,65 @@ fn endless_input_is_refused_after_a_bounded_read() {
 }
 
 #[test]
+fn a_chat_template_that_renders_nothing_is_named() {
+    // An empty template: generate --chat said "the prompt encodes to no
+    // tokens; pass some text with --prompt", and chat went on to decode
+    // after an empty prompt.
+    let dir = tiny_checkpoint(3, true);
+    std::fs::write(dir.path().join("chat_template.jinja"), "").unwrap();
+    let model = dir.path().to_str().unwrap();
+    let out = generate(dir.path(), &["--prompt", "hi", "--chat", "--device", "cpu"]);
+    assert_one_line_error(&out, "chat template rendered nothing");
+    let out = qwen_mk_with_bytes(&["chat", "--model", model, "--device", "cpu"], b"hi\n");
+    assert_one_line_error(&out, "chat template rendered nothing");
+}
+
+#[test]
+fn messages_name_the_command_that_needs_them() {
+    // Without a chat template, `chat` was told "run without --chat", a flag
+    // it does not have.
+    let dir = tiny_checkpoint(3, true);
+    edit_json(&dir.path().join("tokenizer_config.json"), |c| {
+        c.as_object_mut().unwrap().remove("chat_template");
+    });
+    let model = dir.path().to_str().unwrap();
+    let out = qwen_mk_with_bytes(&["chat", "--model", model, "--device", "cpu"], b"hi\n");
+    assert_one_line_error(&out, "chat needs the model's chat template");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("--chat"));
+    let out = generate(dir.path(), &["--prompt", "hi", "--chat", "--device", "cpu"]);
+    assert_one_line_error(&out, "--chat needs the model's chat template");
+
+    // At the model's whole context, "run with a larger --context" cannot
+    // help: it is suggested only below it.
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["max_position_embeddings"] = json!(48)
+    });
+    std::fs::copy(
+        common::assets().join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let long = "word ".repeat(100) + "\n";
+    for (context, suggested) in [(None, false), (Some("40"), true)] {
+        let mut args = vec![
+            "chat",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+        ];
+        args.extend(context.map(|c| ["--context", c]).iter().flatten());
+        let out = qwen_mk_with_bytes(&args, long.as_bytes());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("more than the context of"), "{stderr}");
+        assert_eq!(stderr.contains("--context"), suggested, "{stderr}");
+    }
+}
+
+#[test]
 fn a_download_error_gives_its_cause_once() {
     // hf-hub's errors repeat their source's text: the URL and "Connection
     // refused" were printed three times on one line.
@@ -456,6 +515,21 @@ fn parity_ids_outside_the_vocabulary_are_refused_before_the_gpu() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert_one_line_error(&out, "999999999");
+
+    // A reference made from another checkpoint: the values, not
+    // `Some("1")`.
+    reference["truth"]["top_ids"][0][0] = json!(0);
+    reference["model"]["metadata"]["qwen_mk_seed"] = json!("7");
+    std::fs::write(&path, reference.to_string()).unwrap();
+    let out = qwen_mk(&[
+        "parity",
+        "--ref",
+        path.to_str().unwrap(),
+        "--model",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(&out, "(qwen_mk_seed is \"1\", the reference says \"7\")");
 }
 
 #[test]
