@@ -360,7 +360,7 @@ impl GpuDecoder {
         let partial_max_sum = ptr(&prefill.partial_max_sum, s);
         let splits = attention_splits(rows, start, prefill.sm_count);
         anyhow::ensure!(
-            splits * rows <= prefill.split_rows,
+            splits == 1 || splits * rows <= prefill.split_rows,
             "attention splits past their buffers"
         );
         let eps = p.eps;
