@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-prefill generate chat heads bench bench-max variants peers peers-prefill
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-continue parity-prefill generate chat heads bench bench-max variants peers peers-prefill
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -67,6 +67,12 @@ for step in "${steps[@]}"; do
     parity-long)
         run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json"
         run parity-long-token-by-token 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --token-by-token ;;
+    parity-continue)
+        # The long reference's last 14 or 500 tokens in a second prefill that continues the cache
+        # (a chat turn after a long conversation: attention split over the keys, 16 and 2 ways on an H200).
+        for n in 14 500; do
+            run "parity-continue-$n" 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --last-prefill $n
+        done ;;
     parity-prefill)
         # Batched prefill and the token-by-token path on every prefill reference.
         for n in "${PREFILL_LENGTHS[@]}"; do

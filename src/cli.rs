@@ -195,8 +195,13 @@ pub struct ParityArgs {
     pub json: Option<PathBuf>,
     /// Feed the prompt through the decode kernel one token at a time instead
     /// of batched prefill.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "last_prefill")]
     pub token_by_token: bool,
+    /// Send the prompt's last N tokens through a second batched prefill that
+    /// continues the cache the first left, as a chat turn does (0: all at
+    /// once).
+    #[arg(long, default_value_t = 0)]
+    pub last_prefill: usize,
 }
 
 #[derive(Args)]

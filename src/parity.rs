@@ -113,21 +113,38 @@ fn mean_max(errors: impl Iterator<Item = f64>) -> (f64, f64) {
     (sum / n.max(1) as f64, max)
 }
 
+/// How the prompt goes in: batched prefill, its last `last_prefill` tokens
+/// (if not 0) in a second prefill that continues the cache the first left,
+/// as a chat turn continues a conversation; or one token at a time.
+#[derive(Clone, Copy)]
+enum PromptPath {
+    Batched { last_prefill: usize },
+    TokenByToken,
+}
+
 /// Runs `steps` decode steps teacher-forced on `sequence` after its first
-/// `prompt_len` tokens (batched prefill or token by token), calling
-/// `each(step, logits)` with the logits the LM head wrote at each.
+/// `prompt_len` tokens, calling `each(step, logits)` with the logits the LM
+/// head wrote at each.
 fn teacher_forced(
     decoder: &mut GpuDecoder,
     sequence: &[u32],
     prompt_len: usize,
-    batched: bool,
+    path: PromptPath,
     steps: usize,
     mut each: impl FnMut(usize, &[f32]),
 ) -> Result<()> {
     let first = prompt_len - 1;
-    if batched {
+    let batched = matches!(path, PromptPath::Batched { .. });
+    if let PromptPath::Batched { last_prefill } = path {
         decoder.reset(sequence, sequence.len(), first, None)?;
-        decoder.enqueue_prefill(0, prompt_len)?;
+        let cached = match last_prefill {
+            0 => 0,
+            n => prompt_len - n,
+        };
+        if cached > 0 {
+            decoder.enqueue_prefill(0, cached)?;
+        }
+        decoder.enqueue_prefill(cached, prompt_len - cached)?;
     } else {
         decoder.reset(sequence, sequence.len(), 0, None)?;
         for step in 0..first {
@@ -155,7 +172,7 @@ fn check_sampler(
     decoder: &mut GpuDecoder,
     sequence: &[u32],
     prompt_len: usize,
-    batched: bool,
+    path: PromptPath,
     steps: usize,
 ) -> Result<Vec<usize>> {
     let sampling = Sampling {
@@ -171,7 +188,7 @@ fn check_sampler(
         decoder,
         sequence,
         prompt_len,
-        batched,
+        path,
         steps,
         |step, logits| {
             expected.push(sampling.sample(logits, first + step));
@@ -220,6 +237,12 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
     let prompt = &reference.prompt_ids;
     let truth = &reference.truth;
     let steps = truth.ids.len();
+    if args.last_prefill >= prompt.len() {
+        bail!(
+            "--last-prefill must be less than the reference prompt's {} tokens",
+            prompt.len()
+        );
+    }
     let mut decoder = GpuDecoder::new(&checkpoint, prompt.len() + steps, args.gpu)?;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -236,14 +259,23 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             bail!("batched prefill cannot run: {why} (or pass --token-by-token)");
         }
     }
-    let batched = !args.token_by_token;
+    let path = if args.token_by_token {
+        PromptPath::TokenByToken
+    } else {
+        PromptPath::Batched {
+            last_prefill: args.last_prefill,
+        }
+    };
+    let batched = matches!(path, PromptPath::Batched { .. });
     writeln!(
         out,
         "prompt path: {}",
-        if batched {
-            "batched prefill"
-        } else {
-            "decode kernel, one token at a time"
+        match path {
+            PromptPath::Batched { last_prefill: 0 } => "batched prefill".to_string(),
+            PromptPath::Batched { last_prefill } => format!(
+                "batched prefill, the last {last_prefill} tokens continuing the cache of the rest"
+            ),
+            PromptPath::TokenByToken => "decode kernel, one token at a time".to_string(),
         }
     )?;
 
@@ -256,7 +288,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         &mut decoder,
         &sequence,
         prompt.len(),
-        batched,
+        path,
         steps,
         |step, logits| {
             let ours = logprobs_at(logits, &truth.top_ids[step]);
@@ -328,7 +360,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         }
     }
 
-    let sampler_misses = check_sampler(&mut decoder, &sequence, prompt.len(), batched, steps)?;
+    let sampler_misses = check_sampler(&mut decoder, &sequence, prompt.len(), path, steps)?;
     let pass = our_mean <= peer_mean
         && our_max <= peer_max
         && top1_misses.is_empty()
@@ -366,6 +398,7 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             "reference": args.reference.display().to_string(),
             "device": decoder.device.name,
             "prompt_path": if batched { "batched-prefill" } else { "token-by-token" },
+            "last_prefill": args.last_prefill,
             "prompt_tokens": prompt.len(),
             "pass": pass,
             "qwen_mk": {"mean_abs_err": our_mean, "max_abs_err": our_max, "top1": our_top1, "free_running": free},

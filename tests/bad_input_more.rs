@@ -530,6 +530,24 @@ fn parity_ids_outside_the_vocabulary_are_refused_before_the_gpu() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert_one_line_error(&out, "(qwen_mk_seed is \"1\", the reference says \"7\")");
+
+    // (The same checkpoint, to spare CI another 1.2 GB.) A second prefill of
+    // the whole 22-token prompt or more leaves no first part: refused before
+    // the GPU starts.
+    let out = qwen_mk(&[
+        "parity",
+        "--ref",
+        common::reference_file("tokens.json").to_str().unwrap(),
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--last-prefill",
+        "22",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(
+        &out,
+        "--last-prefill must be less than the reference prompt's 22 tokens",
+    );
 }
 
 #[test]
