@@ -111,7 +111,7 @@ fn assert_no_panic(out: &Output) {
 #[test]
 fn prompt_ids_past_the_config_vocabulary() {
     // Real tokenizer (151,669 tokens), config vocab_size 1000: "hello" is id
-    // 14990. Today: a panic in cpu_reference.rs (embedding row out of range).
+    // 14990. It was a panic in cpu_reference.rs (embedding row out of range).
     let dir = small_checkpoint(|c| c["vocab_size"] = json!(1000));
     assert_one_line_error(&generate(dir.path(), CPU), "vocab");
     let model = dir.path().to_str().unwrap();
@@ -266,8 +266,8 @@ fn a_huge_prompt_file_is_refused_without_reading_it_all() {
 
 #[test]
 fn chat_refuses_a_line_that_is_not_utf8_and_goes_on() {
-    // Today: "error: stream did not contain valid UTF-8" (no word of where)
-    // and the conversation ends; a message too long for the context is
+    // It was "error: stream did not contain valid UTF-8" (no word of where)
+    // and the conversation ended; a message too long for the context is
     // refused with an error line and the conversation goes on, so should this.
     let dir = tiny_checkpoint(3, true);
     let model = dir.path().to_str().unwrap();
@@ -571,7 +571,7 @@ fn synth_eos_wins_head_needs_the_eos_rows() {
 
 #[test]
 fn synth_names_a_broken_assets_file() {
-    // Today: "error: expected ident at line 1 column 2" (config.json) and
+    // It was "error: expected ident at line 1 column 2" (config.json) and
     // "error: Is a directory (os error 21)" (writing config.json): no file named.
     let assets = assets_with(|_| {});
     std::fs::write(assets.path().join("config.json"), "nope").unwrap();
