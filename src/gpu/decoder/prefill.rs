@@ -76,6 +76,15 @@ enum LayerGemm {
     Down,
 }
 
+impl LayerGemm {
+    const ALL: [LayerGemm; 4] = [
+        LayerGemm::Qkv,
+        LayerGemm::O,
+        LayerGemm::GateUp,
+        LayerGemm::Down,
+    ];
+}
+
 /// Most key splits of one attention launch, and the fewest key tiles a split
 /// takes (fewer would spend more on the merge than they save).
 const MAX_ATTENTION_SPLITS: usize = 16;
@@ -102,15 +111,6 @@ fn attention_splits(rows: usize, start: usize, sms: usize) -> usize {
         splits -= 1;
     }
     splits.max(1)
-}
-
-impl LayerGemm {
-    const ALL: [LayerGemm; 4] = [
-        LayerGemm::Qkv,
-        LayerGemm::O,
-        LayerGemm::GateUp,
-        LayerGemm::Down,
-    ];
 }
 
 /// Where a GEMM's result goes.
