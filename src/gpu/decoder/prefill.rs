@@ -76,6 +76,13 @@ enum LayerGemm {
     Down,
 }
 
+/// (split, row) pairs attention's partial buffers hold on a GPU of `sms`
+/// SMs: attention_splits keeps splits x query blocks x NUM_KV_HEADS within
+/// the SMs, so splits x rows within this.
+fn split_rows(sms: usize) -> usize {
+    sms / NUM_KV_HEADS * PREFILL_ATTN_QUERIES
+}
+
 impl LayerGemm {
     const ALL: [LayerGemm; 4] = [
         LayerGemm::Qkv,
@@ -134,13 +141,11 @@ pub struct Prefill {
     attn: CudaSlice<u16>,
     gate_up: CudaSlice<u16>,
     h: CudaSlice<u16>,
-    /// Attention's key splits: (split, row) pairs the two buffers below hold.
-    split_rows: usize,
-    /// Per (split, row, query head): HEAD_DIM unnormalised outputs, and the
+    /// Attention's key splits, split_rows(SMs) (split, row) pairs of them: per
+    /// (split, row, query head), HEAD_DIM unnormalised outputs, and the
     /// running (max, sum) as two f32.
     partial_out: CudaSlice<f32>,
     partial_max_sum: CudaSlice<f32>,
-    sm_count: usize,
 }
 
 /// Bytes of GPU memory prefill's buffers take for `positions` positions.
@@ -168,9 +173,7 @@ impl Prefill {
         sm_count: usize,
     ) -> Result<Self> {
         let capacity = context.min(PREFILL_CHUNK);
-        // attention_splits keeps splits x query blocks x NUM_KV_HEADS within
-        // the SMs, so splits x rows within this.
-        let split_rows = sm_count / NUM_KV_HEADS * PREFILL_ATTN_QUERIES;
+        let split_rows = split_rows(sm_count);
         // What the GEMMs read and write holds their rounded-up rows.
         let gemm_rows = capacity.next_multiple_of(GEMM_ROW_QUANTUM);
         let oom = "not enough GPU memory for the prefill buffers";
@@ -188,12 +191,10 @@ impl Prefill {
                 .alloc_zeros(gemm_rows * 2 * INTERMEDIATE)
                 .context(oom)?,
             h: stream.alloc_zeros(gemm_rows * INTERMEDIATE).context(oom)?,
-            split_rows,
             partial_out: stream.alloc_zeros(split_rows * Q_DIM).context(oom)?,
             partial_max_sum: stream
                 .alloc_zeros(split_rows * NUM_Q_HEADS * 2)
                 .context(oom)?,
-            sm_count,
         })
     }
 
@@ -358,9 +359,10 @@ impl GpuDecoder {
         let h = ptr(&prefill.h, s);
         let partial_out = ptr(&prefill.partial_out, s);
         let partial_max_sum = ptr(&prefill.partial_max_sum, s);
-        let splits = attention_splits(rows, start, prefill.sm_count);
+        let sms = self.device.sm_count as usize;
+        let splits = attention_splits(rows, start, sms);
         anyhow::ensure!(
-            splits == 1 || splits * rows <= prefill.split_rows,
+            splits == 1 || splits * rows <= split_rows(sms),
             "attention splits past their buffers"
         );
         let eps = p.eps;
@@ -514,7 +516,7 @@ mod tests {
                     let blocks = NUM_KV_HEADS * rows.div_ceil(PREFILL_ATTN_QUERIES);
                     assert!(splits == 1 || splits * blocks <= sms);
                     // The buffers hold splits x rows (Prefill::new).
-                    assert!(splits * rows <= (sms / NUM_KV_HEADS * PREFILL_ATTN_QUERIES).max(rows));
+                    assert!(splits == 1 || splits * rows <= split_rows(sms));
                     for query_block in 0..rows.div_ceil(PREFILL_ATTN_QUERIES) {
                         let last_row = ((query_block + 1) * PREFILL_ATTN_QUERIES).min(rows) - 1;
                         let tiles = (start + last_row) / PREFILL_ATTN_KEYS + 1;
