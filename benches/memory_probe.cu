@@ -16,11 +16,16 @@
 //     memory: every block of a cluster of C stores its share of a
 //     512-element vector into every block's shared memory, then either
 //     polls its own copy for the round's tags or passes a cluster barrier.
+//  6. What a reduction by atomic adds into L2 costs (the exchange a matrix
+//     product split by its input would make instead of a handoff): every
+//     block adds partial sums to rows of a 1,024-element vector, counts
+//     itself in, and reads all of it once every block has: by contributors
+//     a row, layout in L2, order of the adds, and u64 fixed point or f32.
 //
 // Standalone but for kernels/common.cuh (with the constants build.rs passes,
 // benches/kernel_defines.h): on the device machine,
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/memory_probe benches/memory_probe.cu
-//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-5 only)
+//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-6 only)
 // One block per SM. In part 1 each block's thread 32 streams its own 6 MB
 // region of a 1 GB buffer through D shared-memory slots (a slot is refilled
 // as soon as its copy lands), while thread 0 chases pointers through a
@@ -291,6 +296,103 @@ __global__ void cluster_handoffs(int rounds, unsigned int tag0, int tagged, cons
     cluster.sync();  // no block leaves while another may still store into its shared memory
 }
 
+// Part 6: `rounds` reductions of an n-element vector by atomic adds, the
+// exchange a design with matrix products split by their input (K) would
+// make instead of handing on rows: every block adds its partial sums to
+// rows of the vector in L2, fences, counts itself in; readers wait for the
+// count, then read all n sums. `groups` > 1: block b adds only to the rows
+// of group b % groups (n / groups rows, gridDim / groups contributors a
+// row: an O projection split by attention head), else to all n (a down
+// projection split by neuron: every block a contributor). `stride`: u64
+// words between two rows (1: packed; 4: a 32-byte sector each; 16: a
+// 128-byte line each). `rotate`: each block starts at another row, so the
+// blocks' adds do not all reach the same addresses at once. `kind`: 0 u64
+// fixed point (`red.add.u64`, order-free: the same bits in any order), 1
+// f32 (`red.add.f32`, order-dependent), 2 f32 four at a time
+// (`red.add.v4.f32`; stride 1 only). Three buffers in turn: in round r a
+// block zeroes its own rows of the buffer of round r + 1, which every block
+// finished reading before it counted itself into round r - 1. Thread
+// HANDOFF_CONSUMERS streams `depth` copies in flight meanwhile.
+constexpr int REDUCE_N = 1024;
+constexpr int REDUCE_MAX_STRIDE = 16;
+__global__ void reductions(unsigned long long* sums, unsigned long long* count, int n, int groups, int stride,
+                           int rotate, int kind, int rounds, const unsigned char* weights, int depth, int slot_bytes,
+                           float* sink) {
+    extern __shared__ __align__(128) unsigned char slots[];
+    __shared__ unsigned long long full[MAX_SLOTS];
+    __shared__ volatile int stop;
+    if (threadIdx.x == 0) {
+        init_slot_barriers(full);
+        stop = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x >= HANDOFF_CONSUMERS) {
+        if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
+            stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, &stop);
+        return;
+    }
+    const size_t buffer_words = (size_t)REDUCE_N * REDUCE_MAX_STRIDE;
+    const int rows = n / groups, group = blockIdx.x % groups;
+    const int first_row = group * rows;
+    const int shift = rotate ? (int)(blockIdx.x / groups) * 8 % rows : 0;
+    const int own_begin = n * blockIdx.x / gridDim.x, own_end = n * (blockIdx.x + 1) / gridDim.x;
+    float total = 0.f;
+    for (int r = 0; r < rounds; ++r) {
+        unsigned long long* buf = sums + (r % 3) * buffer_words;
+        unsigned long long* next = sums + ((r + 1) % 3) * buffer_words;
+        for (int i = own_begin + (int)threadIdx.x; i < own_end; i += HANDOFF_CONSUMERS) next[(size_t)i * stride] = 0;
+        const float part = 0.25f + (float)(blockIdx.x % 7);
+        if (kind == 2) {
+            for (int j = 4 * threadIdx.x; j < rows; j += 4 * HANDOFF_CONSUMERS) {
+                const int row = first_row + (j + shift) % rows;
+                float* at = reinterpret_cast<float*>(buf) + row;
+                asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(at), "f"(part),
+                             "f"(part), "f"(part), "f"(part)
+                             : "memory");
+            }
+        } else {
+            for (int j = threadIdx.x; j < rows; j += HANDOFF_CONSUMERS) {
+                const int row = first_row + (j + shift) % rows;
+                unsigned long long* at = buf + (size_t)row * stride;
+                if (kind == 0) {
+                    const unsigned long long fixed = (unsigned long long)__float2ll_rn(part * 4294967296.f);
+                    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(at), "l"(fixed) : "memory");
+                } else {
+                    asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" ::"l"(at), "f"(part) : "memory");
+                }
+            }
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(HANDOFF_CONSUMERS) : "memory");
+        if (threadIdx.x == 0) {
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+            const unsigned long long target = (unsigned long long)(r + 1) * gridDim.x;
+            unsigned long long seen;
+            do asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(count) : "memory");
+            while (seen < target);
+        }
+        asm volatile("bar.sync 1, %0;" ::"n"(HANDOFF_CONSUMERS) : "memory");
+        for (int i = threadIdx.x; i < n; i += HANDOFF_CONSUMERS) {
+            unsigned long long word;
+            if (kind == 2) {
+                unsigned int w32;
+                asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                             : "=r"(w32)
+                             : "l"(reinterpret_cast<unsigned int*>(buf) + i)
+                             : "memory");
+                total += __uint_as_float(w32);
+                continue;
+            }
+            asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(buf + (size_t)i * stride) : "memory");
+            total += kind == 0 ? (float)(long long)word * (1.f / 4294967296.f) : __uint_as_float((unsigned int)word);
+        }
+    }
+    if (threadIdx.x == 0) {
+        sink[blockIdx.x] = total;
+        stop = 1;
+    }
+}
+
 // Times `launch` (a function returning the launch's cudaError_t) three
 // times with CUDA events; the best of the last two, in ms (the first warms
 // up). Negative after printing the error, if any call fails.
@@ -315,7 +417,7 @@ float best_of_runs(cudaEvent_t start, cudaEvent_t stop, Launch launch) {
 }
 
 int main(int argc, char** argv) {
-    // `memory_probe barriers` runs parts 3-5 only.
+    // `memory_probe barriers` runs parts 3-6 only.
     const bool stream_parts = !(argc > 1 && std::string(argv[1]) == "barriers");
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -436,7 +538,7 @@ int main(int argc, char** argv) {
                 "tagged polling, 12 KB");
     CHECK(cudaFuncSetAttribute(cluster_handoffs, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CHECK(cudaFuncSetAttribute(cluster_handoffs, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    for (int cluster_size : {2, 4, 8, 16}) {
+    for (int cluster_size : {2, 3, 4, 6, 8, 12, 16}) {
         const size_t smem = 120 * 1024;  // one block per SM
         cudaLaunchConfig_t config = {};
         cudaLaunchAttribute attribute[1];
@@ -468,6 +570,45 @@ int main(int argc, char** argv) {
             });
             if (best < 0) return 1;
             std::printf(" %24.3f", best * 1e3 / rounds);
+        }
+        std::printf("\n");
+    }
+    std::printf("\n6. Reduction of a %d-element vector by atomic adds into L2, then a count and a read of all of it:\n"
+                "   us per reduction (best of 2), by contributors a row, layout, order and copies in flight per SM\n",
+                REDUCE_N);
+    std::printf("%-34s %8s %8s %8s\n", "variant", "0 KB", "12 KB", "24 KB");
+    unsigned long long* sums;
+    const size_t sums_bytes = 3 * (size_t)REDUCE_N * REDUCE_MAX_STRIDE * sizeof(unsigned long long);
+    CHECK(cudaMalloc(&sums, sums_bytes));
+    CHECK(cudaFuncSetAttribute(reductions, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    struct Reduction {
+        const char* name;
+        int groups, stride, rotate, kind;
+    };
+    const Reduction reduction_variants[] = {
+        {"all blocks, u64, packed", 1, 1, 0, 0},           {"all blocks, u64, packed, rotated", 1, 1, 1, 0},
+        {"all blocks, u64, 32 B apart, rotated", 1, 4, 1, 0}, {"all blocks, u64, 128 B apart, rotated", 1, 16, 1, 0},
+        {"all blocks, f32, packed, rotated", 1, 1, 1, 1},   {"all blocks, f32 x4, packed, rotated", 1, 1, 1, 2},
+        {"8 groups, u64, packed", 8, 1, 0, 0},             {"8 groups, u64, packed, rotated", 8, 1, 1, 0},
+        {"8 groups, u64, 32 B apart, rotated", 8, 4, 1, 0}, {"16 groups, u64, packed, rotated", 16, 1, 1, 0},
+    };
+    for (const Reduction& v : reduction_variants) {
+        std::printf("%-34s", v.name);
+        for (int depth : {0, 1, 2}) {
+            int n = REDUCE_N, groups = v.groups, stride = v.stride, rotate = v.rotate, kind = v.kind;
+            int rounds = 1000, slot_bytes = 12 * 1024;
+            void* args[] = {&sums, &count, &n, &groups, &stride, &rotate, &kind, &rounds,
+                            &weights, &depth, &slot_bytes, &handoff_sink};
+            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
+            const float best = best_of_runs(start, stop, [&] {
+                cudaError_t err = cudaMemsetAsync(sums, 0, sums_bytes);
+                if (err == cudaSuccess) err = cudaMemsetAsync(count, 0, sizeof(unsigned long long));
+                if (err == cudaSuccess)
+                    err = cudaLaunchCooperativeKernel((void*)reductions, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
+                return err;
+            });
+            if (best < 0) return 1;
+            std::printf(" %8.3f", best * 1e3 / rounds);
         }
         std::printf("\n");
     }
