@@ -162,7 +162,7 @@ fn prefill_available(decoder: &GpuDecoder) -> bool {
     match decoder.prefill_unavailable() {
         None => true,
         Some(why) => {
-            eprintln!("note: {why}; prompts go one token at a time");
+            crate::status!("note: {why}; prompts go one token at a time");
             false
         }
     }

@@ -268,7 +268,7 @@ fn time_prefill(
         return Ok(Vec::new());
     }
     if let Some(why) = decoder.prefill_unavailable() {
-        eprintln!("note: prefill not timed: {why}");
+        crate::status!("note: prefill not timed: {why}");
         return Ok(Vec::new());
     }
     let mut rows = Vec::new();

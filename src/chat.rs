@@ -73,7 +73,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     if interactive {
-        eprintln!(
+        crate::status!(
             "[{} on {}, loaded in {:.1} s, {}; /clear starts over, /exit or Ctrl-D ends]",
             dir.display(),
             backend.device_name(),
@@ -90,15 +90,16 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let mut turn = 0;
     loop {
         if interactive {
-            eprint!("> ");
-            std::io::stderr().flush()?;
+            // The prompt, like a status line, is best effort (crate::status).
+            let mut stderr = std::io::stderr();
+            let _ = write!(stderr, "> ").and_then(|()| stderr.flush());
         }
         line_number += 1;
         let line = match read_line(&mut lines, line_limit)? {
             InputLine::End => break,
             InputLine::Text(text) => text,
             InputLine::NotUtf8 => {
-                eprintln!("error: line {line_number} of standard input is not UTF-8 text; it is skipped");
+                crate::status!("error: line {line_number} of standard input is not UTF-8 text; it is skipped");
                 continue;
             }
             InputLine::TooLong => bail!(
@@ -111,7 +112,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             "/exit" | "/quit" => break,
             "/clear" => {
                 messages = start.clone();
-                eprintln!("[a new conversation]");
+                crate::status!("[a new conversation]");
                 continue;
             }
             _ => {}
@@ -134,7 +135,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             } else {
                 ""
             };
-            eprintln!(
+            crate::status!(
                 "error: with this message the conversation is {} tokens, more than the context of {context}; /clear to start over{larger}",
                 prompt_ids.len()
             );
@@ -177,7 +178,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             writeln!(stdout, "{report}")?;
         } else {
             writeln!(stdout)?;
-            eprintln!(
+            crate::status!(
                 "[{} tokens{}; first after {:.1} ms (conversation of {} tokens, {} new{}), then {tokens_per_s:.1} tok/s]",
                 answer.len(),
                 if hit_eos { "" } else { ", cut at --max-new-tokens" },

@@ -113,7 +113,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         writeln!(stdout)?;
-        eprintln!(
+        crate::status!(
             "[{} tokens{}; first after {first_token_ms:.1} ms (prompt of {} tokens{prompt_note}), then {tokens_per_s:.1} tok/s on {device_name}]",
             generated.len(),
             match sampling {

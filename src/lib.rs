@@ -2,6 +2,17 @@
 //! decode step. The library holds everything but the command line, so that
 //! tests can reach the loader, the CPU reference and the checks directly.
 
+/// A status line on stderr, as `eprintln!` writes it, but one that cannot
+/// fail the run: `eprintln!` panics when stderr's reader has gone
+/// (`2>&1 | head`), and a note about the run is not worth the run.
+#[macro_export]
+macro_rules! status {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod backend;
 pub mod bench;
 pub mod chat;

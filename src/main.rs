@@ -37,7 +37,7 @@ fn main() -> ExitCode {
                 head: args.head,
             };
             synthetic::write_checkpoint(&args.out, &args.assets, &spec).map(|()| {
-                eprintln!(
+                qwen_mk::status!(
                     "wrote a synthetic {:?} checkpoint (seed {}) to {}",
                     args.shape,
                     args.seed,

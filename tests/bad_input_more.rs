@@ -466,6 +466,34 @@ fn output_to_a_closed_stdout_ends_quietly() {
     }
 }
 
+#[test]
+fn output_with_a_closed_stderr_still_succeeds() {
+    // `qwen-mk generate ... 2>&1 | ...` whose reader stops, or stderr piped
+    // to a reader gone: eprintln! panicked ("failed printing to stderr",
+    // status 101) on generate's closing statistics line. Status lines are
+    // best effort; the run and its exit status are the run's own.
+    let dir = tiny_checkpoint(3, true);
+    let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
+    args.extend_from_slice(CPU);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take()); // stderr's reader goes away before any status line
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}, stdout: {stdout}");
+    assert!(!stdout.is_empty());
+}
+
 // --- bench, parity, synth ---
 
 #[test]

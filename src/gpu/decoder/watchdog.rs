@@ -21,7 +21,7 @@ pub(super) fn wait_for(event: &CudaEvent, what: &str) -> Result<()> {
         .with_context(|| format!("the GPU failed during {what}"))?
     {
         if start.elapsed() > WATCHDOG {
-            eprintln!(
+            crate::status!(
                 "error: the GPU did not finish {what} within {} s; the kernel is hung (a bug: please report it)",
                 WATCHDOG.as_secs()
             );
