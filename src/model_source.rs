@@ -36,10 +36,18 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
     if !looks_like_repo_id(model) {
         bail!("model directory {model} does not exist (give a directory, or a Hugging Face repo id such as {DEFAULT_MODEL})");
     }
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        return from_cache(model);
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    // A checkpoint already in the cache runs without the network: no request
+    // at all, not even for the optional files, which on a machine whose
+    // network drops packets would wait for a timeout at every start.
+    match cached(model) {
+        Ok(dir) => Ok(dir),
+        Err(missing) if offline => bail!(
+            "HF_HUB_OFFLINE is set and {missing} of {model} is not in the Hugging Face cache; unset it to download"
+        ),
+        Err(_) => download(model),
     }
-    download(model)
 }
 
 fn looks_like_repo_id(s: &str) -> bool {
@@ -79,16 +87,16 @@ fn download(repo_id: &str) -> Result<PathBuf> {
     dir.context("hf-hub returned no path")
 }
 
-fn from_cache(repo_id: &str) -> Result<PathBuf> {
+/// The cache's snapshot of `repo_id` if it holds every file of MODEL_FILES,
+/// else the name of the first one it lacks.
+fn cached(repo_id: &str) -> std::result::Result<PathBuf, &'static str> {
     let repo = Cache::from_env().repo(Repo::model(repo_id.to_string()));
     let mut dir = None;
     for file in MODEL_FILES {
-        let path = repo.get(file).with_context(|| {
-            format!("HF_HUB_OFFLINE is set and {file} of {repo_id} is not in the Hugging Face cache; unset it to download")
-        })?;
+        let path = repo.get(file).ok_or(file)?;
         dir = path.parent().map(Path::to_path_buf);
     }
-    dir.context("hf-hub returned no path")
+    dir.ok_or(MODEL_FILES[0])
 }
 
 #[cfg(test)]
