@@ -180,6 +180,24 @@ __global__ void barriers(unsigned long long* count, int rounds, int relaxed, int
     }
 }
 
+// Parts 4 and 6: the threads past HANDOFF_CONSUMERS leave at once but for
+// thread HANDOFF_CONSUMERS, which streams `depth` copies in flight (when
+// depth > 0) until *stop is set, then leaves too; true on the consumers.
+constexpr int HANDOFF_CONSUMERS = 352;  // the decode kernel's 11 consumer warps
+__device__ bool consumer_or_stream(const unsigned char* weights, int depth, int slot_bytes, volatile int* stop) {
+    extern __shared__ __align__(128) unsigned char slots[];
+    __shared__ unsigned long long full[MAX_SLOTS];
+    if (threadIdx.x == 0) {
+        init_slot_barriers(full);
+        *stop = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x < HANDOFF_CONSUMERS) return true;
+    if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
+        stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, stop);
+    return false;
+}
+
 // Part 4: `rounds` handoffs of an n-element vector (n <= HANDOFF_N), as the
 // decode kernel's (one block per SM, HANDOFF_CONSUMERS threads polling, the
 // words of two alternating buffers tagged tag0 + round). Each writer stores
@@ -188,22 +206,10 @@ __global__ void barriers(unsigned long long* count, int rounds, int relaxed, int
 // streams `depth` copies in flight meanwhile, when depth > 0.
 constexpr int HANDOFF_N = 1024;
 constexpr int HANDOFF_MAX_COPIES = 8;
-constexpr int HANDOFF_CONSUMERS = 352;  // the decode kernel's 11 consumer warps
 __global__ void handoffs(unsigned long long* words, int n, int copies, int rounds, unsigned int tag0,
                          const unsigned char* weights, int depth, int slot_bytes, float* sink) {
-    extern __shared__ __align__(128) unsigned char slots[];
-    __shared__ unsigned long long full[MAX_SLOTS];
     __shared__ volatile int stop;
-    if (threadIdx.x == 0) {
-        init_slot_barriers(full);
-        stop = 0;
-    }
-    __syncthreads();
-    if (threadIdx.x >= HANDOFF_CONSUMERS) {
-        if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
-            stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, &stop);
-        return;
-    }
+    if (!consumer_or_stream(weights, depth, slot_bytes, &stop)) return;
     const int begin = n * blockIdx.x / gridDim.x, end = n * (blockIdx.x + 1) / gridDim.x;
     constexpr int PER_THREAD = (HANDOFF_N + HANDOFF_CONSUMERS - 1) / HANDOFF_CONSUMERS;
     float total = 0.f;
@@ -318,19 +324,8 @@ constexpr int REDUCE_MAX_STRIDE = 16;
 __global__ void reductions(unsigned long long* sums, unsigned long long* count, int n, int groups, int stride,
                            int rotate, int kind, int rounds, const unsigned char* weights, int depth, int slot_bytes,
                            float* sink) {
-    extern __shared__ __align__(128) unsigned char slots[];
-    __shared__ unsigned long long full[MAX_SLOTS];
     __shared__ volatile int stop;
-    if (threadIdx.x == 0) {
-        init_slot_barriers(full);
-        stop = 0;
-    }
-    __syncthreads();
-    if (threadIdx.x >= HANDOFF_CONSUMERS) {
-        if (threadIdx.x == HANDOFF_CONSUMERS && depth > 0)
-            stream_region(weights + (size_t)blockIdx.x * REGION_BYTES, slots, full, depth, slot_bytes, 0, &stop);
-        return;
-    }
+    if (!consumer_or_stream(weights, depth, slot_bytes, &stop)) return;
     const size_t buffer_words = (size_t)REDUCE_N * REDUCE_MAX_STRIDE;
     const int rows = n / groups, group = blockIdx.x % groups;
     const int first_row = group * rows;

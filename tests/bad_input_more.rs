@@ -435,6 +435,36 @@ fn chat_context_below_the_default_answer_length() {
     );
 }
 
+/// Runs `args` with stdout and stderr piped, closes the read end of the
+/// one `closed` names at once, and returns the exit status and what the
+/// other stream said.
+fn run_with_a_closed(closed: Stream, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut other = String::new();
+    match closed {
+        Stream::Stdout => {
+            drop(child.stdout.take());
+            child.stderr.take().unwrap().read_to_string(&mut other)
+        }
+        Stream::Stderr => {
+            drop(child.stderr.take());
+            child.stdout.take().unwrap().read_to_string(&mut other)
+        }
+    }
+    .unwrap();
+    (child.wait().unwrap(), other)
+}
+
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
 #[test]
 fn output_to_a_closed_stdout_ends_quietly() {
     // `qwen-mk generate --json ... | true`: println! panicked with "failed
@@ -446,21 +476,7 @@ fn output_to_a_closed_stdout_ends_quietly() {
     for output in ["--json", "--ignore-eos"] {
         let mut args = vec!["generate", "--model", dir.path().to_str().unwrap(), output];
         args.extend_from_slice(CPU);
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take()); // the reader goes away before any output
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        let status = child.wait().unwrap();
+        let (status, stderr) = run_with_a_closed(Stream::Stdout, &args);
         assert_eq!(status.code(), Some(141), "{output}: {stderr}");
         assert_eq!(stderr, "", "{output}");
     }
@@ -475,21 +491,7 @@ fn output_with_a_closed_stderr_still_succeeds() {
     let dir = tiny_checkpoint(3, true);
     let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
     args.extend_from_slice(CPU);
-    let mut child = Command::new(BIN)
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stderr.take()); // stderr's reader goes away before any status line
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    let status = child.wait().unwrap();
+    let (status, stdout) = run_with_a_closed(Stream::Stderr, &args);
     assert!(status.success(), "{status:?}, stdout: {stdout}");
     assert!(!stdout.is_empty());
 }
