@@ -61,18 +61,23 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 // ATTN_ONE_CHUNK keys a head is one chunk: two would be merged after an
 // atomic count and a round of loads, which costs more than the second half
 // of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
-// length made 1,024 3.5% slower).
+// length made 1,024 3.5% slower; H200: a minimum of 64 made 512-1,024
+// 1.2-5.6% slower).
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
 
 // A task covers both query heads of its KV head, except while the query
-// heads' tasks fit the grid with chunks of at most ATTN_ONE_CHUNK, or of
-// ATTN_MIN_CHUNK keys (up to 1,024 keys on a 132-SM GPU): then each query
-// head is a task of its own, on twice the blocks. Attention's instructions go
-// with the query heads (two FMAs per key and dim for two), and a block's tiles
-// are issue-bound (H100: 0.21 us a tile of 24 keys); the blocks of a pair
-// stream the same keys and values, the second mostly from L2. Past that
-// length a block would stream twice the keys for the same FMAs.
+// heads' tasks fit the grid with chunks of at most ATTN_ONE_CHUNK keys (up
+// to 2,048 keys on a 132-SM GPU): then each query head is a task of its own,
+// on twice the blocks. Attention's instructions go with the query heads (two
+// FMAs per key and dim for two), and a block's tiles are issue-bound (H100:
+// 0.21 us a tile of 24 keys): with one query head and at most about one tile
+// of 24 keys a consumer warp, a block's chain is half as long as with both,
+// and a head has half the chunks to merge, though the blocks of a pair stream
+// the same keys and values (the second mostly from L2). Past that length its
+// warps take two tiles each and the bytes win (H200: the query split up to
+// 1,024 keys -> 2,048 made 1,025-2,048 4.1-6.4% faster; up to 4,096, 2,049-
+// 2,304 1.5% faster but 2,561-2,816 1.1% and 3,585-3,840 5.7% slower).
 struct AttentionTask {
     int kv_head, chunk, n_chunks;
     int q_head, q_heads;  // the query heads [q_head, q_head + q_heads): 1 or GQA_GROUP
@@ -82,7 +87,7 @@ struct AttentionTask {
     __device__ static AttentionTask of_block(int pos, int block, int blocks) {
         const int n_keys = pos + 1;
         const int q_chunks = blocks / NUM_Q_HEADS;  // chunks a query head may have, split
-        const bool split = q_chunks >= 1 && (n_keys <= ATTN_ONE_CHUNK || n_keys <= q_chunks * ATTN_MIN_CHUNK);
+        const bool split = q_chunks >= 1 && n_keys <= q_chunks * ATTN_ONE_CHUNK;
         const int wanted = split ? q_chunks : max(1, blocks / NUM_KV_HEADS);
         const int chunk_len =
             n_keys <= ATTN_ONE_CHUNK ? n_keys : max((n_keys + wanted - 1) / wanted, ATTN_MIN_CHUNK);
