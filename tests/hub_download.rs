@@ -126,6 +126,11 @@ fn generate(model: &str, hf_home: &Path, endpoint: Option<&str>, offline: bool) 
         .env("HF_HOME", hf_home)
         .env_remove("HF_TOKEN")
         .env_remove("HF_HUB_OFFLINE");
+    // hf-hub's client takes a proxy from these, and would send the requests
+    // for the stand-in on localhost there.
+    for proxy in ["ALL_PROXY", "HTTP_PROXY", "HTTPS_PROXY"] {
+        command.env_remove(proxy).env_remove(proxy.to_lowercase());
+    }
     match endpoint {
         Some(endpoint) => command.env("HF_ENDPOINT", endpoint),
         // Nothing listens there: a run that tried the network would fail.
