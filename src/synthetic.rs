@@ -59,6 +59,18 @@ pub struct SyntheticSpec {
 /// The two end-of-sequence ids of Qwen3 that `Head::EosWins` makes win.
 pub const EOS_IDS: [usize; 2] = [151_645, 151_643];
 
+/// The config.json fields the tiny shape sets; the rest is the real
+/// Qwen3-0.6B config.
+pub const TINY_DIMENSIONS: [(&str, usize); 7] = [
+    ("hidden_size", 64),
+    ("num_hidden_layers", 2),
+    ("max_window_layers", 2),
+    ("num_attention_heads", 4),
+    ("num_key_value_heads", 2),
+    ("head_dim", 16),
+    ("intermediate_size", 128),
+];
+
 /// The real Qwen3-0.6B config, with the tiny shape's changes when asked.
 pub fn config_json(assets: &Path, spec: &SyntheticSpec) -> Result<Value> {
     let path = assets.join("config.json");
@@ -67,15 +79,7 @@ pub fn config_json(assets: &Path, spec: &SyntheticSpec) -> Result<Value> {
     let mut config: Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     if spec.shape == Shape::Tiny {
-        for (key, value) in [
-            ("hidden_size", 64),
-            ("num_hidden_layers", 2),
-            ("max_window_layers", 2),
-            ("num_attention_heads", 4),
-            ("num_key_value_heads", 2),
-            ("head_dim", 16),
-            ("intermediate_size", 128),
-        ] {
+        for (key, value) in TINY_DIMENSIONS {
             config[key] = json!(value);
         }
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
-use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec};
+use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec, TINY_DIMENSIONS};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qwen-mk");
@@ -51,15 +51,7 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
 /// assets' config as it is, so the dimensions set here are the ones written.
 fn small_checkpoint(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
     let assets = assets_with(|c| {
-        for (key, value) in [
-            ("hidden_size", 64),
-            ("num_hidden_layers", 2),
-            ("max_window_layers", 2),
-            ("num_attention_heads", 4),
-            ("num_key_value_heads", 2),
-            ("head_dim", 16),
-            ("intermediate_size", 128),
-        ] {
+        for (key, value) in TINY_DIMENSIONS {
             c[key] = json!(value);
         }
         edit(c);
