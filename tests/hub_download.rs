@@ -86,7 +86,11 @@ fn answer(mut stream: TcpStream, dir: &Path) -> std::io::Result<()> {
     let (first, last) = parse_range(&range, bytes.len());
     let body = &bytes[first..=last];
     // Any etag unique to the file: hf-hub names the cached blob by it.
-    let etag = format!("{:016x}{:08x}", bytes.len(), file_name_hash(&file));
+    let etag = format!(
+        "{}-{}",
+        file.file_name().unwrap().to_string_lossy(),
+        bytes.len()
+    );
     let head = format!(
         "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {first}-{last}/{}\r\n\
          etag: \"{etag}\"\r\nx-repo-commit: {COMMIT}\r\nConnection: close\r\n\r\n",
@@ -108,14 +112,6 @@ fn parse_range(range: &str, len: usize) -> (usize, usize) {
         last.parse::<usize>().expect("a range end").min(len - 1)
     };
     (first, last)
-}
-
-fn file_name_hash(file: &Path) -> u32 {
-    file.file_name()
-        .unwrap()
-        .as_encoded_bytes()
-        .iter()
-        .fold(2166136261u32, |h, &b| (h ^ b as u32).wrapping_mul(16777619))
 }
 
 fn generate(model: &str, hf_home: &Path, endpoint: Option<&str>, offline: bool) -> Output {
