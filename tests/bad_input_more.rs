@@ -278,15 +278,7 @@ fn chat_refuses_a_line_that_is_not_utf8_and_goes_on() {
     );
     assert_no_panic(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(
-        errors[0].contains("UTF-8") && errors[0].contains("input"),
-        "{stderr}"
-    );
+    common::assert_one_error_line_among(&stderr, &["UTF-8", "input"]);
     let turns = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(
         turns, 1,

@@ -175,15 +175,7 @@ fn chat_refuses_a_message_past_the_context_and_goes_on() {
     );
     assert!(status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(
-        errors[0].contains("more than the context of 48") && errors[0].contains("/clear"),
-        "{stderr}"
-    );
+    common::assert_one_error_line_among(&stderr, &["more than the context of 48", "/clear"]);
     // The refused message is not part of the conversation: "Hi" is turn 1,
     // alone.
     assert_eq!(turns.len(), 1, "{stderr}");

@@ -84,6 +84,23 @@ pub fn assert_one_line_error(output: &Output, needle: &str) {
     );
 }
 
+/// Asserts that `stderr`, of a run that reported an error and went on
+/// (chat refusing one message), holds exactly one error line, and that it
+/// contains every one of `needles`.
+pub fn assert_one_error_line_among(stderr: &str, needles: &[&str]) {
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    for needle in needles {
+        assert!(
+            errors[0].contains(needle),
+            "expected {needle:?} in: {stderr}"
+        );
+    }
+}
+
 /// A tiny checkpoint with one of the argmax test heads.
 pub fn tiny_test_head_checkpoint(head: Head) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
