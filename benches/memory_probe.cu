@@ -206,8 +206,52 @@ __device__ bool consumer_or_stream(const unsigned char* weights, int depth, int 
 // streams `depth` copies in flight meanwhile, when depth > 0.
 constexpr int HANDOFF_N = 1024;
 constexpr int HANDOFF_MAX_COPIES = 8;
+
+// await_all with G reads of every element in flight, each issued `stagger`
+// cycles after the one before: a read that finds a late element is issued
+// again at once, so the element is sampled in L2 every round trip / G
+// instead of every round trip. Issues the reads itself (raw need not be
+// loaded); raw[k] ends holding the ready word.
+template <int G, int K, typename Index>
+__device__ __forceinline__ void await_all_staggered(const qmk::TaggedVector& src, unsigned long long (&raw)[K],
+                                                    Index index, long long stagger) {
+    unsigned long long reads[G][K];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        if (g > 0) {
+            const long long t0 = clock64();
+            while (clock64() - t0 < stagger) {
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+            if (index(k) >= 0) reads[g][k] = src.load(index(k));
+    }
+    unsigned int done = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+        if (index(k) < 0) done |= 1u << k;
+    for (;;) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                if (done >> k & 1) continue;
+                if (src.ready(reads[g][k])) {
+                    raw[k] = reads[g][k];
+                    done |= 1u << k;
+                } else {
+                    reads[g][k] = src.load(index(k));
+                }
+            }
+            if (done == (1u << K) - 1) return;
+        }
+    }
+}
+
 __global__ void handoffs(unsigned long long* words, int n, int copies, int rounds, unsigned int tag0,
-                         const unsigned char* weights, int depth, int slot_bytes, float* sink) {
+                         const unsigned char* weights, int depth, int slot_bytes, float* sink, int reads,
+                         int stagger) {
     __shared__ volatile int stop;
     if (!consumer_or_stream(weights, depth, slot_bytes, &stop)) return;
     const int begin = n * blockIdx.x / gridDim.x, end = n * (blockIdx.x + 1) / gridDim.x;
@@ -225,10 +269,16 @@ __global__ void handoffs(unsigned long long* words, int n, int copies, int round
             return i < n ? i : -1;
         };
         unsigned long long raw[PER_THREAD];
+        if (reads == 2) {
+            await_all_staggered<2>(mine, raw, index, stagger);
+        } else if (reads == 3) {
+            await_all_staggered<3>(mine, raw, index, stagger);
+        } else {
 #pragma unroll
-        for (int k = 0; k < PER_THREAD; ++k)
-            if (index(k) >= 0) raw[k] = mine.load(index(k));
-        qmk::await_all(mine, raw, index);
+            for (int k = 0; k < PER_THREAD; ++k)
+                if (index(k) >= 0) raw[k] = mine.load(index(k));
+            qmk::await_all(mine, raw, index);
+        }
 #pragma unroll
         for (int k = 0; k < PER_THREAD; ++k)
             if (index(k) >= 0) total += mine.value(raw[k]);
@@ -510,14 +560,42 @@ int main(int argc, char** argv) {
     for (const Shape shape : {Shape{1024, 1}, Shape{1024, 2}, Shape{1024, 4}, Shape{1024, 8}, Shape{256, 1}}) {
         std::printf("%8d %9d", shape.n, shape.copies);
         for (int depth : {0, 1, 2, 3}) {
-            int n = shape.n, copies = shape.copies, rounds = 2000, slot_bytes = 12 * 1024;
-            void* args[] = {&words, &n, &copies, &rounds, &tag0, &weights, &depth, &slot_bytes, &handoff_sink};
+            int n = shape.n, copies = shape.copies, rounds = 2000, slot_bytes = 12 * 1024, reads = 1, stagger = 0;
+            void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
+                            &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
             // 120 KB of shared memory at least: one block per SM, as the decode kernel.
             const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
             const float best = best_of_runs(start, stop, [&] {
                 const cudaError_t err =
                     cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
                 tag0 += rounds;  // the launch has its arguments: the next one's tags are new
+                return err;
+            });
+            if (best < 0) return 1;
+            std::printf(" %8.3f", best * 1e3 / rounds);
+        }
+        std::printf("\n");
+    }
+
+    std::printf("\n4b. The same handoff (1,024 elements, one replica) with G reads of each element in flight,\n"
+                "    each issued S cycles after the one before and issued again as soon as it finds the element late\n");
+    std::printf("%8s %9s %8s %8s %8s %8s\n", "reads G", "stagger S", "0 KB", "12 KB", "24 KB", "36 KB");
+    struct Staggered {
+        int reads, stagger;
+    };
+    for (const Staggered v : {Staggered{1, 0}, Staggered{2, 0}, Staggered{2, 200}, Staggered{2, 400},
+                              Staggered{2, 700}, Staggered{3, 200}, Staggered{3, 400}}) {
+        std::printf("%8d %9d", v.reads, v.stagger);
+        for (int depth : {0, 1, 2, 3}) {
+            int n = HANDOFF_N, copies = 1, rounds = 2000, slot_bytes = 12 * 1024, reads = v.reads,
+                stagger = v.stagger;
+            void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
+                            &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
+            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
+            const float best = best_of_runs(start, stop, [&] {
+                const cudaError_t err =
+                    cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
+                tag0 += rounds;
                 return err;
             });
             if (best < 0) return 1;
