@@ -213,8 +213,10 @@ constexpr int HANDOFF_MAX_COPIES = 8;
 // instead of every round trip. Issues the reads itself (raw need not be
 // loaded); raw[k] ends holding the ready word.
 template <int G, int K, typename Index>
-__device__ __forceinline__ void await_all_staggered(const qmk::TaggedVector& src, unsigned long long (&raw)[K],
-                                                    Index index, long long stagger) {
+__device__ __forceinline__ void await_all_staggered(const qmk::TaggedVector& first, unsigned long long (&raw)[K],
+                                                    Index index, long long stagger, int replica_stride) {
+    // Read g reads replica g when replica_stride is not 0 (else all read the first).
+    auto src_of = [&](int g) { return qmk::TaggedVector{first.words + g * replica_stride, first.tag}; };
     unsigned long long reads[G][K];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -225,7 +227,7 @@ __device__ __forceinline__ void await_all_staggered(const qmk::TaggedVector& src
         }
 #pragma unroll
         for (int k = 0; k < K; ++k)
-            if (index(k) >= 0) reads[g][k] = src.load(index(k));
+            if (index(k) >= 0) reads[g][k] = src_of(g).load(index(k));
     }
     unsigned int done = 0;
 #pragma unroll
@@ -237,11 +239,11 @@ __device__ __forceinline__ void await_all_staggered(const qmk::TaggedVector& src
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 if (done >> k & 1) continue;
-                if (src.ready(reads[g][k])) {
+                if (first.ready(reads[g][k])) {
                     raw[k] = reads[g][k];
                     done |= 1u << k;
                 } else {
-                    reads[g][k] = src.load(index(k));
+                    reads[g][k] = src_of(g).load(index(k));
                 }
             }
             if (done == (1u << K) - 1) return;
@@ -263,16 +265,19 @@ __global__ void handoffs(unsigned long long* words, int n, int copies, int round
         const int row = begin + threadIdx.x;
         if (row < end)
             for (int c = 0; c < copies; ++c) qmk::TaggedVector{buf + c * HANDOFF_N, tag}.store(row, total + row);
-        const qmk::TaggedVector mine{buf + blockIdx.x % copies * HANDOFF_N, tag};
+        // Staggered reads (reads > 1) with `copies` = reads: read g from replica g.
+        const bool read_replicas = reads > 1 && copies == reads;
+        const qmk::TaggedVector mine{buf + (read_replicas ? 0 : blockIdx.x % copies) * HANDOFF_N, tag};
+        const int replica_stride = read_replicas ? HANDOFF_N : 0;
         auto index = [&](int k) {
             const int i = threadIdx.x + k * HANDOFF_CONSUMERS;
             return i < n ? i : -1;
         };
         unsigned long long raw[PER_THREAD];
         if (reads == 2) {
-            await_all_staggered<2>(mine, raw, index, stagger);
+            await_all_staggered<2>(mine, raw, index, stagger, replica_stride);
         } else if (reads == 3) {
-            await_all_staggered<3>(mine, raw, index, stagger);
+            await_all_staggered<3>(mine, raw, index, stagger, replica_stride);
         } else {
 #pragma unroll
             for (int k = 0; k < PER_THREAD; ++k)
@@ -579,15 +584,20 @@ int main(int argc, char** argv) {
 
     std::printf("\n4b. The same handoff (1,024 elements, one replica) with G reads of each element in flight,\n"
                 "    each issued S cycles after the one before and issued again as soon as it finds the element late\n");
-    std::printf("%8s %9s %8s %8s %8s %8s\n", "reads G", "stagger S", "0 KB", "12 KB", "24 KB", "36 KB");
+    std::printf("    (replicas G: writers store G replicas and read g reads replica g, so no two reads of an SM\n"
+                "    are to the same line)\n");
+    std::printf("%8s %9s %9s %8s %8s %8s %8s\n", "reads G", "stagger S", "replicas", "0 KB", "12 KB", "24 KB",
+                "36 KB");
     struct Staggered {
-        int reads, stagger;
+        int reads, stagger, copies;
     };
-    for (const Staggered v : {Staggered{1, 0}, Staggered{2, 0}, Staggered{2, 200}, Staggered{2, 400},
-                              Staggered{2, 700}, Staggered{3, 200}, Staggered{3, 400}}) {
-        std::printf("%8d %9d", v.reads, v.stagger);
+    for (const Staggered v : {Staggered{1, 0, 1}, Staggered{2, 0, 1}, Staggered{2, 400, 1}, Staggered{2, 700, 1},
+                              Staggered{3, 400, 1}, Staggered{1, 0, 2}, Staggered{2, 0, 2}, Staggered{2, 200, 2},
+                              Staggered{2, 400, 2}, Staggered{2, 700, 2}, Staggered{3, 300, 3},
+                              Staggered{3, 500, 3}}) {
+        std::printf("%8d %9d %9d", v.reads, v.stagger, v.copies);
         for (int depth : {0, 1, 2, 3}) {
-            int n = HANDOFF_N, copies = 1, rounds = 2000, slot_bytes = 12 * 1024, reads = v.reads,
+            int n = HANDOFF_N, copies = v.copies, rounds = 2000, slot_bytes = 12 * 1024, reads = v.reads,
                 stagger = v.stagger;
             void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
                             &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
