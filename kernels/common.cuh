@@ -204,7 +204,6 @@ struct CoherentF32 {  // f32 written in this launch: read at L2
     __device__ bool ready(float) const { return true; }
     __device__ float value(float raw) const { return raw; }
     __device__ void back_off() const {}
-    static constexpr int READS_IN_FLIGHT = 1;
 };
 struct Bf16Row {  // read-only bf16, such as an embedding row
     const bf16* values;
@@ -212,7 +211,6 @@ struct Bf16Row {  // read-only bf16, such as an embedding row
     __device__ bool ready(float) const { return true; }
     __device__ float value(float raw) const { return raw; }
     __device__ void back_off() const {}
-    static constexpr int READS_IN_FLIGHT = 1;
 };
 
 // A vector handed from block to block within a launch (the decode kernel's
@@ -237,7 +235,6 @@ struct TaggedVector {
     __device__ bool ready(unsigned long long word) const { return (unsigned int)(word >> 32) == tag; }
     // Before reading late values again (src/kernel_dims.rs says why).
     __device__ void back_off() const { __nanosleep(QMK_DECODE_POLL_BACKOFF_NS); }
-    static constexpr int READS_IN_FLIGHT = QMK_DECODE_POLL_READS;
     __device__ float value(unsigned long long word) const { return __uint_as_float((unsigned int)word); }
 };
 
@@ -262,56 +259,6 @@ __device__ __forceinline__ void await_all(const Source& src, Raw (&raw)[K], Inde
     }
 }
 
-// Reads elements index(k), k < K (none where it is negative), of `src`
-// into raw and waits until every one is ready. A TaggedVector of few
-// elements a thread is read with QMK_DECODE_POLL_READS reads of each
-// element in flight, each issued QMK_DECODE_POLL_STAGGER cycles after the
-// one before, and a read that finds its element late is issued again at
-// once: a late element is sampled in L2 that many times a round trip.
-template <int K, typename Source, typename Raw, typename Index>
-__device__ __forceinline__ void read_all(const Source& src, Raw (&raw)[K], Index index) {
-    constexpr int G = Source::READS_IN_FLIGHT;
-    if constexpr (G > 1 && K <= QMK_DECODE_POLL_STAGGER_MAX_K) {
-        Raw reads[G][K];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-            if (g > 0) {
-                const long long t0 = clock64();
-                while (clock64() - t0 < QMK_DECODE_POLL_STAGGER) {
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < K; ++k)
-                if (index(k) >= 0) reads[g][k] = src.load(index(k));
-        }
-        unsigned int done = 0;
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-            if (index(k) < 0) done |= 1u << k;
-        for (;;) {
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-#pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    if (done >> k & 1) continue;
-                    if (src.ready(reads[g][k])) {
-                        raw[k] = reads[g][k];
-                        done |= 1u << k;
-                    } else {
-                        reads[g][k] = src.load(index(k));
-                    }
-                }
-                if (done == (1u << K) - 1) return;
-            }
-        }
-    } else {
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-            if (index(k) >= 0) raw[k] = src.load(index(k));
-        await_all(src, raw, index);
-    }
-}
-
 // Where element i of a vector goes in shared memory: by default, at i.
 struct InOrder {
     static __device__ __forceinline__ int at(int i) { return i; }
@@ -329,9 +276,12 @@ __device__ __forceinline__ void rms_norm_to_shared(const Source& x, const bf16* 
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {
         const int i = threadIdx.x + k * THREADS;
-        if (i < N) w[k] = bf16_to_f32(weight[i]);
+        if (i < N) {
+            raw[k] = x.load(i);
+            w[k] = bf16_to_f32(weight[i]);
+        }
     }
-    read_all(x, raw, [](int k) { const int i = threadIdx.x + k * THREADS; return i < N ? i : -1; });
+    await_all(x, raw, [](int k) { const int i = threadIdx.x + k * THREADS; return i < N ? i : -1; });
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < PER_THREAD; ++k) {

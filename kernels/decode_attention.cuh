@@ -141,7 +141,9 @@ __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, 
     if (is_q || is_k)
         norm_rope.prepare(layer_weights(p, layer, is_q ? QMK_OFF_Q_NORM : QMK_OFF_K_NORM), p.inv_freq, (float)pos);
     unsigned long long words[4];
-    read_all(qkv, words, [&](int i) { return row0 + lane + 32 * i; });
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[i] = qkv.load(row0 + lane + 32 * i);
+    await_all(qkv, words, [&](int i) { return row0 + lane + 32 * i; });
     float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);

@@ -164,7 +164,9 @@ __device__ __forceinline__ void project_split_k(const StreamRing& ring, int laye
         const int base = warp * SLICE;
         float* slice = slices + base;
         unsigned long long words[SLICE / WARP];
-        read_all(input, words, [&](int k) { return base + k * WARP + lane; });
+#pragma unroll
+        for (int k = 0; k < SLICE / WARP; ++k) words[k] = input.load(base + k * WARP + lane);
+        await_all(input, words, [&](int k) { return base + k * WARP + lane; });
         inputs_ready();
 #pragma unroll
         for (int k = 0; k < SLICE / WARP; ++k) slice[ProjectionLayout::at(k * WARP + lane)] = input.value(words[k]);

@@ -105,13 +105,6 @@ pub const RING_KV_IN_FLIGHT: usize = 2;
 /// time) -2.8 to -3.3%, and -3.3 / -3.0 / -0.6% at 1,024 / 4,096 / 16,384,
 /// the steadiest (RESULTS.md).
 pub const DECODE_POLL_BACKOFF_NS: usize = 0;
-/// Reads of each late element of a handed-on vector in flight at once
-/// (kernels/common.cuh, read_all), each issued DECODE_POLL_STAGGER cycles
-/// after the one before, for vectors of at most DECODE_POLL_STAGGER_MAX_K
-/// elements a thread.
-pub const DECODE_POLL_READS: usize = 3;
-pub const DECODE_POLL_STAGGER: usize = 300;
-pub const DECODE_POLL_STAGGER_MAX_K: usize = 4;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
 /// chunks of this many, which bounds prefill's activation memory (about
@@ -173,9 +166,6 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_RING_SLOTS_SM90", RING_SLOTS_SM90),
     ("QMK_RING_SLOTS_SM120", RING_SLOTS_SM120),
     ("QMK_DECODE_POLL_BACKOFF_NS", DECODE_POLL_BACKOFF_NS),
-    ("QMK_DECODE_POLL_READS", DECODE_POLL_READS),
-    ("QMK_DECODE_POLL_STAGGER", DECODE_POLL_STAGGER),
-    ("QMK_DECODE_POLL_STAGGER_MAX_K", DECODE_POLL_STAGGER_MAX_K),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
     (
         "QMK_PREFILL_NORM_ROWS_PER_BLOCK",
