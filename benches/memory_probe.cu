@@ -21,11 +21,16 @@
 //     block adds partial sums to rows of a 1,024-element vector, counts
 //     itself in, and reads all of it once every block has: by contributors
 //     a row, layout in L2, order of the adds, and u64 fixed point or f32.
+//  7. How far each L2 line is from each SM: the latency of one read of
+//     each of 2,048 lines (L2 hits) from thread 0 of every SM, and whether
+//     the lines group by SM (the L2 is two partitions: a line homed in the
+//     far one should cost more, and which is far depends on the SM).
 //
 // Standalone but for kernels/common.cuh (with the constants build.rs passes,
 // benches/kernel_defines.h): on the device machine,
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/memory_probe benches/memory_probe.cu
-//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-6 only)
+//   /tmp/memory_probe            (or `/tmp/memory_probe barriers`: parts 3-6 only;
+//                                 `/tmp/memory_probe lines`: part 7 only)
 // One block per SM. In part 1 each block's thread 32 streams its own 6 MB
 // region of a 1 GB buffer through D shared-memory slots (a slot is refilled
 // as soon as its copy lands), while thread 0 chases pointers through a
@@ -443,6 +448,29 @@ __global__ void reductions(unsigned long long* sums, unsigned long long* count, 
     }
 }
 
+// Part 7: thread 0 of every block reads each of LINE_COUNT lines (128 B
+// apart) four times, one read at a time, and keeps the fewest cycles per
+// line: cycles[block][line].
+constexpr int LINE_COUNT = 2048;
+constexpr int LINE_WORDS = 128 / sizeof(unsigned long long);
+__global__ void line_latency(const unsigned long long* lines, unsigned int* cycles, unsigned long long* sink) {
+    if (threadIdx.x != 0) return;
+    unsigned long long sum = 0;
+    for (int i = 0; i < LINE_COUNT; ++i) {
+        unsigned int best = ~0u;
+        for (int rep = 0; rep < 4; ++rep) {
+            unsigned long long word, t0, t1;
+            asm volatile("mov.u64 %0, %%clock64;" : "=l"(t0)::"memory");
+            asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(lines + (size_t)i * LINE_WORDS) : "memory");
+            sum += word;  // issued in order: the clock is read once the word is here
+            asm volatile("mov.u64 %0, %%clock64;" : "=l"(t1) : "l"(sum) : "memory");
+            best = min(best, (unsigned int)(t1 - t0));
+        }
+        cycles[blockIdx.x * LINE_COUNT + i] = best;
+    }
+    sink[blockIdx.x] = sum;
+}
+
 // Times `launch` (a function returning the launch's cudaError_t) three
 // times with CUDA events; the best of the last two, in ms (the first warms
 // up). Negative after printing the error, if any call fails.
@@ -466,14 +494,73 @@ float best_of_runs(cudaEvent_t start, cudaEvent_t stop, Launch launch) {
     return best;
 }
 
+// Part 7's report: SM 0's latencies by line; then each line as SM 0 sees
+// it, near (under the midpoint of its 10th and 90th percentiles) or far,
+// and for every SM the mean cycles over SM 0's near lines and over its far
+// ones: if the lines group by partition, about half of the SMs see SM 0's
+// near lines near, and the other half see them far.
+int line_latencies(int sms) {
+    unsigned long long* lines;
+    CHECK(cudaMalloc(&lines, (size_t)LINE_COUNT * 128));
+    CHECK(cudaMemset(lines, 0, (size_t)LINE_COUNT * 128));
+    unsigned int* cycles;
+    CHECK(cudaMalloc(&cycles, (size_t)sms * LINE_COUNT * sizeof(unsigned int)));
+    unsigned long long* sink;
+    CHECK(cudaMalloc(&sink, sms * sizeof(unsigned long long)));
+    for (int rep = 0; rep < 2; ++rep) {  // the first brings the lines into L2
+        line_latency<<<sms, 32>>>(lines, cycles, sink);
+        CHECK(cudaDeviceSynchronize());
+        CHECK(cudaGetLastError());
+    }
+    std::vector<unsigned int> host((size_t)sms * LINE_COUNT);
+    CHECK(cudaMemcpy(host.data(), cycles, host.size() * sizeof(unsigned int), cudaMemcpyDeviceToHost));
+    auto percentile = [](std::vector<unsigned int> v, double q) {
+        std::sort(v.begin(), v.end());
+        return v[(size_t)(q * (v.size() - 1))];
+    };
+    std::printf("\n7. L2 read latency by line and SM (cycles; one read at a time, fewest of 4, L2 hits)\n");
+    const std::vector<unsigned int> sm0(host.begin(), host.begin() + LINE_COUNT);
+    const unsigned int p10 = percentile(sm0, 0.1), p90 = percentile(sm0, 0.9), split = (p10 + p90) / 2;
+    std::printf("SM 0: min %u p10 %u p50 %u p90 %u max %u; near under %u cycles\n", percentile(sm0, 0),
+                p10, percentile(sm0, 0.5), p90, percentile(sm0, 1), split);
+    const unsigned int lo = percentile(sm0, 0);
+    std::printf("SM 0 histogram (32-cycle bins from %u):", lo);
+    std::vector<int> bins(16, 0);
+    for (unsigned int c : sm0) ++bins[std::min<size_t>((c - lo) / 32, bins.size() - 1)];
+    for (int b : bins) std::printf(" %d", b);
+    std::printf("\n");
+    std::vector<bool> near(LINE_COUNT);
+    int near_count = 0;
+    for (int i = 0; i < LINE_COUNT; ++i) near_count += near[i] = sm0[i] < split;
+    std::printf("SM 0 near lines: %d of %d\n", near_count, LINE_COUNT);
+    std::printf("%4s %10s %10s %10s %10s\n", "SM", "p10", "p90", "SM0-near", "SM0-far");
+    int same = 0, opposite = 0;
+    for (int sm = 0; sm < sms; ++sm) {
+        const std::vector<unsigned int> row(host.begin() + (size_t)sm * LINE_COUNT,
+                                            host.begin() + (size_t)(sm + 1) * LINE_COUNT);
+        double a = 0, b = 0;
+        for (int i = 0; i < LINE_COUNT; ++i) (near[i] ? a : b) += row[i];
+        a /= std::max(near_count, 1);
+        b /= std::max(LINE_COUNT - near_count, 1);
+        same += a + 20 < b;
+        opposite += b + 20 < a;
+        std::printf("%4d %10u %10u %10.0f %10.0f\n", sm, percentile(row, 0.1), percentile(row, 0.9), a, b);
+    }
+    std::printf("SMs that see SM 0's near lines nearer by 20+ cycles: %d; farther: %d; of %d\n", same, opposite, sms);
+    return 0;
+}
+
 int main(int argc, char** argv) {
-    // `memory_probe barriers` runs parts 3-6 only.
-    const bool stream_parts = !(argc > 1 && std::string(argv[1]) == "barriers");
+    // `memory_probe barriers` runs parts 3-6 only, `memory_probe lines` part 7 only.
+    const std::string only = argc > 1 ? argv[1] : "";
+    const bool stream_parts = only.empty();
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("%s, %d SMs, L2 %d MB\n", prop.name, sms, prop.l2CacheSize >> 20);
+
+    if (only == "lines") return line_latencies(sms);
 
     unsigned char* weights;
     CHECK(cudaMalloc(&weights, (size_t)sms * REGION_BYTES));
