@@ -21,8 +21,8 @@
 //     block adds partial sums to rows of a 1,024-element vector, counts
 //     itself in, and reads all of it once every block has: by contributors
 //     a row, layout in L2, order of the adds, and u64 fixed point or f32.
-//  7. How far each L2 line is from each SM: the latency of one read of
-//     each of 2,048 lines (L2 hits) from thread 0 of every SM, and whether
+//  7. How far each L2 line is from each SM: the latency of dependent reads
+//     of each of 2,048 lines (L2 hits) from thread 0 of every SM, and whether
 //     the lines group by SM (the L2 is two partitions: a line homed in the
 //     far one should cost more, and which is far depends on the SM).
 //
@@ -449,22 +449,27 @@ __global__ void reductions(unsigned long long* sums, unsigned long long* count, 
 }
 
 // Part 7: thread 0 of every block reads each of LINE_COUNT lines (128 B
-// apart) four times, one read at a time, and keeps the fewest cycles per
-// line: cycles[block][line].
+// apart) in a chain of CHAIN reads, each read's address depending on the
+// word the one before returned (through `mask`, zero at run time), and
+// keeps the fewest cycles per read of three chains: cycles[block][line].
 constexpr int LINE_COUNT = 2048;
 constexpr int LINE_WORDS = 128 / sizeof(unsigned long long);
-__global__ void line_latency(const unsigned long long* lines, unsigned int* cycles, unsigned long long* sink) {
+constexpr int CHAIN = 16;
+__global__ void line_latency(const unsigned long long* lines, unsigned long long mask, unsigned int* cycles,
+                             unsigned long long* sink) {
     if (threadIdx.x != 0) return;
     unsigned long long sum = 0;
     for (int i = 0; i < LINE_COUNT; ++i) {
+        const unsigned long long* line = lines + (size_t)i * LINE_WORDS;
         unsigned int best = ~0u;
-        for (int rep = 0; rep < 4; ++rep) {
-            unsigned long long word, t0, t1;
-            asm volatile("mov.u64 %0, %%clock64;" : "=l"(t0)::"memory");
-            asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(lines + (size_t)i * LINE_WORDS) : "memory");
-            sum += word;  // issued in order: the clock is read once the word is here
-            asm volatile("mov.u64 %0, %%clock64;" : "=l"(t1) : "l"(sum) : "memory");
-            best = min(best, (unsigned int)(t1 - t0));
+        for (int rep = 0; rep < 3; ++rep) {
+            unsigned long long word = 0;
+            const long long t0 = clock64();
+            for (int k = 0; k < CHAIN; ++k)
+                asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(line + (word & mask)) : "memory");
+            sum += word;
+            const long long t1 = clock64();
+            best = min(best, (unsigned int)((t1 - t0) / CHAIN));
         }
         cycles[blockIdx.x * LINE_COUNT + i] = best;
     }
@@ -508,7 +513,7 @@ int line_latencies(int sms) {
     unsigned long long* sink;
     CHECK(cudaMalloc(&sink, sms * sizeof(unsigned long long)));
     for (int rep = 0; rep < 2; ++rep) {  // the first brings the lines into L2
-        line_latency<<<sms, 32>>>(lines, cycles, sink);
+        line_latency<<<sms, 32>>>(lines, 0ull, cycles, sink);
         CHECK(cudaDeviceSynchronize());
         CHECK(cudaGetLastError());
     }
@@ -518,7 +523,8 @@ int line_latencies(int sms) {
         std::sort(v.begin(), v.end());
         return v[(size_t)(q * (v.size() - 1))];
     };
-    std::printf("\n7. L2 read latency by line and SM (cycles; one read at a time, fewest of 4, L2 hits)\n");
+    std::printf("\n7. L2 read latency by line and SM (cycles a read in a chain of %d dependent reads of the line,\n"
+                "   fewest of 3 chains; L2 hits)\n", CHAIN);
     const std::vector<unsigned int> sm0(host.begin(), host.begin() + LINE_COUNT);
     const unsigned int p10 = percentile(sm0, 0.1), p90 = percentile(sm0, 0.9), split = (p10 + p90) / 2;
     std::printf("SM 0: min %u p10 %u p50 %u p90 %u max %u; near under %u cycles\n", percentile(sm0, 0),
@@ -692,6 +698,28 @@ int main(int argc, char** argv) {
             const float best = best_of_runs(start, stop, [&] {
                 const cudaError_t err =
                     cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
+                tag0 += rounds;
+                return err;
+            });
+            if (best < 0) return 1;
+            std::printf(" %8.3f", best * 1e3 / rounds);
+        }
+        std::printf("\n");
+    }
+
+    std::printf("\n4c. The same handoff (1,024 elements, one replica, one read in flight) among fewer blocks:\n"
+                "    each L2 line of the vector has as many readers as there are blocks\n");
+    std::printf("%8s %8s %8s %8s %8s\n", "blocks", "0 KB", "12 KB", "24 KB", "36 KB");
+    for (int blocks : {sms, sms / 2, sms / 4, sms / 8, 8}) {
+        std::printf("%8d", blocks);
+        for (int depth : {0, 1, 2, 3}) {
+            int n = HANDOFF_N, copies = 1, rounds = 2000, slot_bytes = 12 * 1024, reads = 1, stagger = 0;
+            void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
+                            &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
+            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
+            const float best = best_of_runs(start, stop, [&] {
+                const cudaError_t err =
+                    cudaLaunchCooperativeKernel((void*)handoffs, blocks, HANDOFF_CONSUMERS + 32, args, smem, 0);
                 tag0 += rounds;
                 return err;
             });
