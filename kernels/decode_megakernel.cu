@@ -66,56 +66,69 @@ union SharedStorage {
 template <int P>
 constexpr int UNITS_AT_ONCE = Streamed<P>::K == HIDDEN ? (SlotLayout<P>::PAIRED ? 2 : 3) : 1;
 
+// One round of a warp in a projection phase: its J units u0 + j
+// CONSUMER_WARPS (all of which exist), read from the ring and dotted with
+// `vec` together.
+template <int P, int J, typename Store>
+__device__ __forceinline__ void project_round(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
+                                              int u0, int begin, Store& store) {
+    using S = Streamed<P>;
+    using L = SlotLayout<P>;
+    constexpr int ROWS = L::PAIRED ? 2 : 1;  // rows of a unit
+    int uses[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) uses[j] = ring.slot_of<P>(layer, u0 + j * CONSUMER_WARPS);
+    const long long t0 = clock64();
+    ring.wait_all(uses);
+    const unsigned char* rows[J * ROWS];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const unsigned char* row =
+            ring.slot_data(uses[j]) + ((u0 + j * CONSUMER_WARPS) % L::PER_SLOT) * L::ROW_BYTES;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) rows[j * ROWS + r] = row + r * L::PAIRED_OFFSET;
+    }
+    ring_wait += clock64() - t0;
+    float y[J * ROWS];
+    rows_dot<S::K>(rows, vec, y);
+    __syncwarp();  // every lane has read the rows
+    if (threadIdx.x % WARP == 0) {
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            ring.release(uses[j], L::UNIT_UNITS);
+            float unit_y[ROWS];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) unit_y[r] = y[j * ROWS + r];
+            store(begin + u0 + j * CONSUMER_WARPS, unit_y);
+        }
+    }
+}
+
 // A projection phase: the block's units of projection P, read from the
-// ring, dotted with `vec`; consumer warps take units in turn, UNITS_AT_ONCE
-// at a time. `store(unit, y)` runs on lane 0 with the unit's one (or,
-// gate/up, two) results. `ring_wait` gathers the cycles thread 0 waits for
-// rows (bench --profile).
+// ring, dotted with `vec`; consumer warps take units in turn, up to
+// UNITS_AT_ONCE at a time, as many as the warp has left (a warp with fewer
+// computes only those). `store(unit, y)` runs on lane 0 with the unit's
+// one (or, gate/up, two) results. `ring_wait` gathers the cycles thread 0
+// waits for rows (bench --profile).
 template <int P, typename Store>
 __device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
                                         Store store) {
-    using S = Streamed<P>;
-    using L = SlotLayout<P>;
     constexpr int AT_ONCE = UNITS_AT_ONCE<P>;
-    constexpr int ROWS = L::PAIRED ? 2 : 1;  // rows of a unit
     int begin, end;
     StreamRing::block_units<P>(begin, end);
     const int n = end - begin;
     const int warp = threadIdx.x / WARP;
     for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
-        // The warp's units u0 + j CONSUMER_WARPS; one that does not exist (the
-        // same test in every lane) repeats u0's rows, its result unused.
-        int units[AT_ONCE], uses[AT_ONCE];
-#pragma unroll
-        for (int j = 0; j < AT_ONCE; ++j) {
-            const int u = u0 + j * CONSUMER_WARPS;
-            units[j] = j == 0 || u < n ? u : u0;
-            uses[j] = ring.slot_of<P>(layer, units[j]);
-        }
-        const long long t0 = clock64();
-        ring.wait_all(uses);
-        const unsigned char* rows[AT_ONCE * ROWS];
-#pragma unroll
-        for (int j = 0; j < AT_ONCE; ++j) {
-            const unsigned char* row = ring.slot_data(uses[j]) + (units[j] % L::PER_SLOT) * L::ROW_BYTES;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) rows[j * ROWS + r] = row + r * L::PAIRED_OFFSET;
-        }
-        ring_wait += clock64() - t0;
-        float y[AT_ONCE * ROWS];
-        rows_dot<S::K>(rows, vec, y);
-        __syncwarp();  // every lane has read the rows
-        if (threadIdx.x % WARP == 0) {
-#pragma unroll
-            for (int j = 0; j < AT_ONCE; ++j) {
-                const int u = u0 + j * CONSUMER_WARPS;
-                if (j > 0 && u >= n) break;
-                ring.release(ring.slot_of<P>(layer, u), L::UNIT_UNITS);
-                float unit_y[ROWS];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) unit_y[r] = y[j * ROWS + r];
-                store(begin + u, unit_y);
-            }
+        const int left = (n - u0 + CONSUMER_WARPS - 1) / CONSUMER_WARPS;  // the same in every lane
+        if (left >= AT_ONCE) {
+            project_round<P, AT_ONCE>(ring, layer, vec, ring_wait, u0, begin, store);
+        } else if constexpr (AT_ONCE > 2) {
+            if (left == 2)
+                project_round<P, 2>(ring, layer, vec, ring_wait, u0, begin, store);
+            else
+                project_round<P, 1>(ring, layer, vec, ring_wait, u0, begin, store);
+        } else {
+            project_round<P, 1>(ring, layer, vec, ring_wait, u0, begin, store);
         }
     }
 }
