@@ -104,43 +104,22 @@ __device__ __forceinline__ void project_round(const StreamRing& ring, int layer,
     }
 }
 
-// A block's units past its warps' last whole round (gate/up: 23-24 units
-// on 11 warps two at a time leave one or two) would be a second round for
-// one or two warps while the others wait at the phase's end. Up to
-// LEFTOVER_MAX of them are split by K instead: each of LEFTOVER_WARPS warps
-// dots its 128 columns of their rows after its round, the sums meet in
-// shared memory, and one thread a unit adds them up and stores the unit.
-constexpr int LEFTOVER_MAX = 2;
-constexpr int LEFTOVER_WARPS = 8;
-constexpr int LEFTOVER_COLUMNS = HIDDEN / LEFTOVER_WARPS;
-static_assert(LEFTOVER_COLUMNS == 4 * WARP && LEFTOVER_WARPS <= CONSUMER_WARPS, "four columns a lane");
-typedef float LeftoverPartials[LEFTOVER_MAX][2][LEFTOVER_WARPS];  // [unit][row of the unit][warp]
-
 // A projection phase: the block's units of projection P, read from the
 // ring, dotted with `vec`; consumer warps take units in turn, up to
 // UNITS_AT_ONCE at a time, as many as the warp has left (a warp with fewer
-// computes only those), and the few past the last whole round split by K
-// (above). `store(unit, y)` runs on one thread with the unit's one (or,
-// gate/up, two) results. `ring_wait` gathers the cycles thread 0 waits for
-// rows (bench --profile). Ends in a consumer barrier when there are
-// leftover units.
+// computes only those). `store(unit, y)` runs on lane 0 with the unit's
+// one (or, gate/up, two) results. `ring_wait` gathers the cycles thread 0
+// waits for rows (bench --profile).
 template <int P, typename Store>
-__device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, LeftoverPartials& partial,
-                                        long long& ring_wait, Store store) {
-    using L = SlotLayout<P>;
+__device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
+                                        Store store) {
     constexpr int AT_ONCE = UNITS_AT_ONCE<P>;
-    constexpr int ROWS = L::PAIRED ? 2 : 1;
-    constexpr int ROUND = CONSUMER_WARPS * AT_ONCE;
-    static_assert(Streamed<P>::K == HIDDEN, "");
     int begin, end;
     StreamRing::block_units<P>(begin, end);
     const int n = end - begin;
-    const int whole = n / ROUND * ROUND;
-    const int leftover = whole > 0 && n - whole <= LEFTOVER_MAX ? n - whole : 0;
-    const int in_rounds = n - leftover;
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    for (int u0 = warp; u0 < in_rounds; u0 += ROUND) {
-        const int left = (in_rounds - u0 + CONSUMER_WARPS - 1) / CONSUMER_WARPS;  // the same in every lane
+    const int warp = threadIdx.x / WARP;
+    for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
+        const int left = (n - u0 + CONSUMER_WARPS - 1) / CONSUMER_WARPS;  // the same in every lane
         if (left >= AT_ONCE) {
             project_round<P, AT_ONCE>(ring, layer, vec, ring_wait, u0, begin, store);
         } else if constexpr (AT_ONCE > 2) {
@@ -151,44 +130,6 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
         } else {
             project_round<P, 1>(ring, layer, vec, ring_wait, u0, begin, store);
         }
-    }
-    if (leftover == 0) return;  // the same in every block's threads
-    if (warp < LEFTOVER_WARPS) {
-        int uses[LEFTOVER_MAX];
-#pragma unroll
-        for (int j = 0; j < LEFTOVER_MAX; ++j) uses[j] = ring.slot_of<P>(layer, in_rounds + min(j, leftover - 1));
-        ring.wait_all(uses);
-        const int column = warp * LEFTOVER_COLUMNS + lane * 4;
-        const float4 v = *reinterpret_cast<const float4*>(vec + ProjectionLayout::at(column));
-#pragma unroll
-        for (int j = 0; j < LEFTOVER_MAX; ++j) {
-            if (j >= leftover) break;
-            const unsigned char* unit =
-                ring.slot_data(uses[j]) + ((in_rounds + j) % L::PER_SLOT) * L::ROW_BYTES + column * (int)sizeof(bf16);
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const uint2 w = *reinterpret_cast<const uint2*>(unit + r * L::PAIRED_OFFSET);
-                float y = bf16_lo(w.x) * v.x;
-                y = fmaf(bf16_hi(w.x), v.y, y);
-                y = fmaf(bf16_lo(w.y), v.z, y);
-                y = fmaf(bf16_hi(w.y), v.w, y);
-                y = warp_sum(y);
-                if (lane == 0) partial[j][r][warp] = y;
-            }
-        }
-    }
-    consumer_sync();  // every warp's sums in, every leftover row read
-    if (threadIdx.x < leftover) {
-        const int u = in_rounds + threadIdx.x;
-        float y[ROWS];
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            y[r] = 0.f;
-#pragma unroll
-            for (int w = 0; w < LEFTOVER_WARPS; ++w) y[r] += partial[threadIdx.x][r][w];
-        }
-        ring.release(ring.slot_of<P>(layer, u), L::UNIT_UNITS);
-        store(begin + u, y);
     }
 }
 
@@ -298,7 +239,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ AttentionTask block_task;
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
     __shared__ SplitKPartials split_partials;
-    __shared__ LeftoverPartials leftover_partials;
     __shared__ unsigned int first_tag;
     extern __shared__ __align__(128) unsigned char ring_storage[];
 
@@ -361,8 +301,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         const TaggedVector qkv = handoffs.at(layer, QKV_OUT), attn = handoffs.at(layer, ATTN_OUT);
         const TaggedVector x_mid = handoffs.at(layer, X_AFTER_ATTN), mlp = handoffs.at(layer, MLP_OUT);
         const TaggedVector x_out = handoffs.at(layer, X_AFTER_MLP);
-        project<QKV_PROJ>(ring, layer, sm.proj.vec, leftover_partials, ring_wait,
-                          [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
+        project<QKV_PROJ>(ring, layer, sm.proj.vec, ring_wait, [&](int row, const float (&y)[1]) { qkv.store(row, y[0]); });
         consumer_sync();  // also: the attention scratch shares shared memory with sm.proj.vec
         stamp_phase(p, layer, 0, PHASE_DONE);
 
@@ -388,7 +327,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
         rms_norm_to_shared<CONSUMERS, HIDDEN, ConsumerSync, ProjectionLayout>(
             x_mid, layer_weights(p, layer, QMK_OFF_POST_ATTN_NORM), p.eps, sm.proj.vec, scratch);
         stamp_phase(p, layer, 3, INPUTS_READY);
-        project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, leftover_partials, ring_wait,
+        project<GATE_UP_PROJ>(ring, layer, sm.proj.vec, ring_wait,
                               [&](int j, const float (&gu)[2]) { mlp.store(j, gu[0] / (1.f + __expf(-gu[0])) * gu[1]); });
         consumer_sync();
         stamp_phase(p, layer, 3, PHASE_DONE);
