@@ -652,27 +652,32 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&handoff_sink, sms * sizeof(float)));
     CHECK(cudaFuncSetAttribute(handoffs, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     unsigned int tag0 = 1;
-    struct Shape {
-        int n, copies;
-    };
-    for (const Shape shape : {Shape{1024, 1}, Shape{1024, 2}, Shape{1024, 4}, Shape{1024, 8}, Shape{256, 1}}) {
-        std::printf("%8d %9d", shape.n, shape.copies);
+    // One row of parts 4-4c: us per handoff at 0, 12, 24 and 36 KB in flight per SM.
+    auto handoff_row = [&](int n, int copies, int reads, int stagger, int blocks) {
         for (int depth : {0, 1, 2, 3}) {
-            int n = shape.n, copies = shape.copies, rounds = 2000, slot_bytes = 12 * 1024, reads = 1, stagger = 0;
+            int rounds = 2000, slot_bytes = 12 * 1024;
             void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
                             &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
             // 120 KB of shared memory at least: one block per SM, as the decode kernel.
             const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
             const float best = best_of_runs(start, stop, [&] {
                 const cudaError_t err =
-                    cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
+                    cudaLaunchCooperativeKernel((void*)handoffs, blocks, HANDOFF_CONSUMERS + 32, args, smem, 0);
                 tag0 += rounds;  // the launch has its arguments: the next one's tags are new
                 return err;
             });
-            if (best < 0) return 1;
+            if (best < 0) return false;
             std::printf(" %8.3f", best * 1e3 / rounds);
         }
         std::printf("\n");
+        return true;
+    };
+    struct Shape {
+        int n, copies;
+    };
+    for (const Shape shape : {Shape{1024, 1}, Shape{1024, 2}, Shape{1024, 4}, Shape{1024, 8}, Shape{256, 1}}) {
+        std::printf("%8d %9d", shape.n, shape.copies);
+        if (!handoff_row(shape.n, shape.copies, 1, 0, sms)) return 1;
     }
 
     std::printf("\n4b. The same handoff (1,024 elements, one replica) with G reads of each element in flight,\n"
@@ -689,22 +694,7 @@ int main(int argc, char** argv) {
                               Staggered{2, 400, 2}, Staggered{2, 700, 2}, Staggered{3, 300, 3},
                               Staggered{3, 500, 3}}) {
         std::printf("%8d %9d %9d", v.reads, v.stagger, v.copies);
-        for (int depth : {0, 1, 2, 3}) {
-            int n = HANDOFF_N, copies = v.copies, rounds = 2000, slot_bytes = 12 * 1024, reads = v.reads,
-                stagger = v.stagger;
-            void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
-                            &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
-            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
-            const float best = best_of_runs(start, stop, [&] {
-                const cudaError_t err =
-                    cudaLaunchCooperativeKernel((void*)handoffs, sms, HANDOFF_CONSUMERS + 32, args, smem, 0);
-                tag0 += rounds;
-                return err;
-            });
-            if (best < 0) return 1;
-            std::printf(" %8.3f", best * 1e3 / rounds);
-        }
-        std::printf("\n");
+        if (!handoff_row(HANDOFF_N, v.copies, v.reads, v.stagger, sms)) return 1;
     }
 
     std::printf("\n4c. The same handoff (1,024 elements, one replica, one read in flight) among fewer blocks:\n"
@@ -712,21 +702,7 @@ int main(int argc, char** argv) {
     std::printf("%8s %8s %8s %8s %8s\n", "blocks", "0 KB", "12 KB", "24 KB", "36 KB");
     for (int blocks : {sms, sms / 2, sms / 4, sms / 8, 8}) {
         std::printf("%8d", blocks);
-        for (int depth : {0, 1, 2, 3}) {
-            int n = HANDOFF_N, copies = 1, rounds = 2000, slot_bytes = 12 * 1024, reads = 1, stagger = 0;
-            void* args[] = {&words,  &n,          &copies,       &rounds, &tag0,   &weights,
-                            &depth,  &slot_bytes, &handoff_sink, &reads,  &stagger};
-            const size_t smem = std::max(depth * slot_bytes, 120 * 1024);
-            const float best = best_of_runs(start, stop, [&] {
-                const cudaError_t err =
-                    cudaLaunchCooperativeKernel((void*)handoffs, blocks, HANDOFF_CONSUMERS + 32, args, smem, 0);
-                tag0 += rounds;
-                return err;
-            });
-            if (best < 0) return 1;
-            std::printf(" %8.3f", best * 1e3 / rounds);
-        }
-        std::printf("\n");
+        if (!handoff_row(HANDOFF_N, 1, 1, 0, blocks)) return 1;
     }
 
     std::printf("\n5. Handoff of a %d-element vector within each cluster, through distributed shared memory:\n"
