@@ -235,6 +235,13 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 // all their chunks. The acq_rel count publishes this block's partials
 // (ordered by the consumer barrier before it) and, for the last block,
 // acquires everyone's. A counter per layer and query head (the task's first).
+// Every block of the head runs the merge's code and only the last one
+// stores what it computes: run by one block a layer, a different one each
+// time, the merge took 1.5-2 us after the count even with no loads at all,
+// most likely fetching its instructions into an SM that had not run them
+// lately (the kernel's code is 171 KB). The others do it while they would
+// wait for the merged output in phase C anyway (H200: -0.9% at 1,024 keys,
+// -1.3% at 4,096, 0 at 0-255 where nothing merges; RESULTS.md).
 __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, const AttentionTask& task,
                               AttentionShared& sm) {
     const int n_chunks = task.n_chunks;
@@ -245,7 +252,7 @@ __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, i
         sm.is_last = done.fetch_add(1, cuda::memory_order_acq_rel) == (unsigned int)n_chunks - 1;
     }
     consumer_sync();
-    if (!sm.is_last) return;
+    const bool is_last = sm.is_last;
     if (threadIdx.x < task.q_heads * HEAD_DIM) {
         const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
         const int q_head = task.q_head + h;
@@ -259,9 +266,9 @@ __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, i
             sum = fmaf(load_coherent(part + HEAD_DIM + 1), w, sum);
             out = fmaf(load_coherent(part + d), w, out);
         }
-        attn.store(q_head * HEAD_DIM + d, out / sum);
+        if (is_last) attn.store(q_head * HEAD_DIM + d, out / sum);
     }
-    if (threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
+    if (is_last && threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
 }
 
 // `block_task` is the block's task, in shared memory: read in every layer,
