@@ -106,10 +106,12 @@ __device__ __forceinline__ void project_round(const StreamRing& ring, int layer,
 
 // A projection phase: the block's units of projection P, read from the
 // ring, dotted with `vec`; consumer warps take units in turn, up to
-// UNITS_AT_ONCE at a time, as many as the warp has left (a warp with fewer
-// computes only those). `store(unit, y)` runs on lane 0 with the unit's
-// one (or, gate/up, two) results. `ring_wait` gathers the cycles thread 0
-// waits for rows (bench --profile).
+// UNITS_AT_ONCE at a time. A warp's last round takes only the units it has
+// left: it used to repeat a unit's rows for results it threw away, and the
+// warps that did were the phase's slowest (H200: -0.5 to -0.9% a step,
+// RESULTS.md). `store(unit, y)` runs on lane 0 with the unit's one (or,
+// gate/up, two) results. `ring_wait` gathers the cycles thread 0 waits for
+// rows (bench --profile).
 template <int P, typename Store>
 __device__ __forceinline__ void project(const StreamRing& ring, int layer, const float* vec, long long& ring_wait,
                                         Store store) {
