@@ -11,7 +11,9 @@
 //     1,024-element vector as tagged 64-bit words, then reads all 1,024 and
 //     reads again the ones whose tag is not yet the round's; alone, and while
 //     each SM streams D bulk copies as in part 1. A layer of the decode
-//     kernel makes five such handoffs in a row.
+//     kernel makes five such handoffs in a row. 4b: the same with G reads of
+//     each late element in flight at once (staggered), 4c: among fewer
+//     blocks (each line of the vector then has fewer readers).
 //  5. The same within a thread-block cluster, through distributed shared
 //     memory: every block of a cluster of C stores its share of a
 //     512-element vector into every block's shared memory, then either
