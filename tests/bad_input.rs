@@ -6,25 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
+use common::{assert_one_line_error, generate, qwen_mk, tiny_checkpoint, CPU_PROMPT};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-
-const PROMPT: &[&str] = &[
-    "--prompt",
-    "hello there",
-    "--max-new-tokens",
-    "2",
-    "--device",
-    "cpu",
-];
-
-fn generate(dir: &Path, extra: &[&str]) -> std::process::Output {
-    let model = dir.to_str().unwrap();
-    let mut args = vec!["generate", "--model", model];
-    args.extend_from_slice(extra);
-    qwen_mk(&args)
-}
 
 /// Rewrites model.safetensors with `edit` applied to the list of tensors.
 fn rewrite_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
@@ -55,7 +39,7 @@ fn rewrite_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<us
 #[test]
 fn a_good_tiny_checkpoint_runs() {
     let dir = tiny_checkpoint(3, true);
-    let out = generate(dir.path(), PROMPT);
+    let out = generate(dir.path(), CPU_PROMPT);
     assert!(
         out.status.success(),
         "{}",
@@ -73,21 +57,21 @@ fn missing_directory() {
 fn missing_config() {
     let dir = tiny_checkpoint(3, true);
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "no config.json");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "no config.json");
 }
 
 #[test]
 fn missing_tokenizer() {
     let dir = tiny_checkpoint(3, true);
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "no tokenizer.json");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "no tokenizer.json");
 }
 
 #[test]
 fn missing_weights_file() {
     let dir = tiny_checkpoint(3, true);
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "weights are missing");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "weights are missing");
 }
 
 #[test]
@@ -97,7 +81,7 @@ fn missing_tensor() {
         t.retain(|(name, ..)| name != "model.layers.1.mlp.up_proj.weight")
     });
     assert_one_line_error(
-        &generate(dir.path(), PROMPT),
+        &generate(dir.path(), CPU_PROMPT),
         "no tensor model.layers.1.mlp.up_proj.weight",
     );
 }
@@ -111,7 +95,10 @@ fn untied_config_without_lm_head() {
         "\"tie_word_embeddings\": false",
     );
     std::fs::write(&path, text).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "no tensor lm_head.weight");
+    assert_one_line_error(
+        &generate(dir.path(), CPU_PROMPT),
+        "no tensor lm_head.weight",
+    );
 }
 
 #[test]
@@ -125,7 +112,7 @@ fn wrong_shape() {
         q.2 = vec![8, 2];
     });
     assert_one_line_error(
-        &generate(dir.path(), PROMPT),
+        &generate(dir.path(), CPU_PROMPT),
         "has shape [8, 2], but config.json implies [16]",
     );
 }
@@ -140,7 +127,7 @@ fn wrong_dtype() {
             .unwrap();
         q.1 = Dtype::F16;
     });
-    assert_one_line_error(&generate(dir.path(), PROMPT), "bf16 checkpoints only");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "bf16 checkpoints only");
 }
 
 #[test]
@@ -154,7 +141,7 @@ fn truncated_safetensors() {
         .unwrap()
         .set_len(len - 1000)
         .unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "truncated or corrupt");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "truncated or corrupt");
 }
 
 #[test]
@@ -164,7 +151,7 @@ fn corrupt_safetensors_header() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[8..16].copy_from_slice(b"garbage!");
     std::fs::write(&path, bytes).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "truncated or corrupt");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "truncated or corrupt");
 }
 
 #[test]
@@ -175,7 +162,7 @@ fn foreign_model_type() {
         .unwrap()
         .replace("\"qwen3\"", "\"llama\"");
     std::fs::write(&path, text).unwrap();
-    assert_one_line_error(&generate(dir.path(), PROMPT), "model_type is \"llama\"");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "model_type is \"llama\"");
 }
 
 #[test]

@@ -8,26 +8,11 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_one_line_error, qwen_mk, tiny_checkpoint};
+use common::{assert_one_line_error, generate, qwen_mk, tiny_checkpoint, CPU_PROMPT};
 use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec, TINY_DIMENSIONS};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_qwen-mk");
-
-fn generate(dir: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    qwen_mk(&args)
-}
-
-const CPU: &[&str] = &[
-    "--prompt",
-    "hello there",
-    "--max-new-tokens",
-    "2",
-    "--device",
-    "cpu",
-];
 
 /// A copy of the real assets with `edit` applied to config.json.
 fn assets_with(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
@@ -105,7 +90,7 @@ fn prompt_ids_past_the_config_vocabulary() {
     // Real tokenizer (151,669 tokens), config vocab_size 1000: "hello" is id
     // 14990. It was a panic in cpu_reference.rs (embedding row out of range).
     let dir = small_checkpoint(|c| c["vocab_size"] = json!(1000));
-    assert_one_line_error(&generate(dir.path(), CPU), "vocab");
+    assert_one_line_error(&generate(dir.path(), CPU_PROMPT), "vocab");
     let model = dir.path().to_str().unwrap();
     let chat = qwen_mk_with_bytes(
         &[
@@ -128,7 +113,7 @@ fn prompt_ids_past_the_config_vocabulary() {
 fn generate_with_config(edit: impl FnOnce(&mut Value)) -> Output {
     let dir = tiny_checkpoint(3, true);
     edit_json(&dir.path().join("config.json"), edit);
-    generate(dir.path(), CPU)
+    generate(dir.path(), CPU_PROMPT)
 }
 
 #[test]
@@ -160,7 +145,7 @@ fn absurd_layer_count_fails_without_exhausting_memory() {
         c["num_hidden_layers"] = json!(400_000_000u64)
     });
     let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
-    args.extend_from_slice(CPU);
+    args.extend_from_slice(CPU_PROMPT);
     assert_one_line_error(&qwen_mk_limited(&args), "layers");
 }
 
@@ -188,7 +173,7 @@ fn config_fields_of_the_wrong_type_are_refused() {
 fn generate_with_generation_config(file: &str, extra: &[&str]) -> Output {
     let dir = tiny_checkpoint(3, true);
     std::fs::write(dir.path().join("generation_config.json"), file).unwrap();
-    let mut args = CPU.to_vec();
+    let mut args = CPU_PROMPT.to_vec();
     args.extend_from_slice(extra);
     generate(dir.path(), &args)
 }
@@ -459,7 +444,7 @@ fn output_to_a_closed_stdout_ends_quietly() {
     let dir = tiny_checkpoint(3, true);
     for output in ["--json", "--ignore-eos"] {
         let mut args = vec!["generate", "--model", dir.path().to_str().unwrap(), output];
-        args.extend_from_slice(CPU);
+        args.extend_from_slice(CPU_PROMPT);
         let (status, stderr) = run_with_a_closed(Stream::Stdout, &args);
         assert_eq!(status.code(), Some(141), "{output}: {stderr}");
         assert_eq!(stderr, "", "{output}");
@@ -474,7 +459,7 @@ fn output_with_a_closed_stderr_still_succeeds() {
     // best effort; the run and its exit status are the run's own.
     let dir = tiny_checkpoint(3, true);
     let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
-    args.extend_from_slice(CPU);
+    args.extend_from_slice(CPU_PROMPT);
     let (status, stdout) = run_with_a_closed(Stream::Stderr, &args);
     assert!(status.success(), "{status:?}, stdout: {stdout}");
     assert!(!stdout.is_empty());

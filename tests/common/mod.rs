@@ -46,6 +46,24 @@ pub fn qwen_mk(args: &[&str]) -> Output {
         .expect("run qwen-mk")
 }
 
+/// `generate --model dir` with `extra` after it.
+pub fn generate(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    qwen_mk(&args)
+}
+
+/// A short prompt, two new tokens, on the CPU backend: a run that works on
+/// any machine unless the input is bad.
+pub const CPU_PROMPT: &[&str] = &[
+    "--prompt",
+    "hello there",
+    "--max-new-tokens",
+    "2",
+    "--device",
+    "cpu",
+];
+
 /// Runs the qwen-mk binary with `input` on its standard input.
 pub fn qwen_mk_with_stdin(args: &[&str], input: &str) -> Output {
     use std::io::Write;
