@@ -92,8 +92,11 @@ pub const RING_IN_FLIGHT: usize = 1;
 /// for. On the H100 at position 16,384 (43 tiles a block): one 1.487 ms per
 /// token, two 1.376, four 1.400, eight 1.421; at 4,096 (11 tiles) one
 /// 0.818, two 0.832. On the H200 (16 slots), two against one: 17 tiles
-/// (6,144) +2.4%, 22 +1.5%, 27 even, 33 -1.2%, 38 -2.6%, 43 -3.5%. Shorter
-/// chunks go with RING_IN_FLIGHT (RESULTS.md).
+/// (6,144) +2.4%, 22 +1.5%, 27 even, 33 -1.2%, 38 -2.6%, 43 -3.5%. So do
+/// the tiles of a head's whole cache in one chunk (up to 256 keys, on 16
+/// blocks; H200: -2.3% at positions 0-255, -6.5% at 248-255). Other
+/// chunks, streamed by nearly every block, go with RING_IN_FLIGHT (two
+/// there: +1.1% at 1,024, +3.3% at 4,096; RESULTS.md).
 pub const RING_KV_IN_FLIGHT: usize = 2;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Before every phase ended in a consumer
