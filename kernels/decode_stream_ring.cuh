@@ -274,12 +274,11 @@ struct StreamRing {
     // at once. A chunk longer than the ring cannot be in place before
     // attention starts, and attention then waits for the stream itself; one
     // longer than one and a half rings goes with p.ring_kv_in_flight copies
-    // in flight (src/kernel_dims.rs says why), and so does a chunk that is
-    // its head's whole cache (at most ATTN_ONE_CHUNK keys): only the
-    // NUM_Q_HEADS blocks with such a chunk stream tiles then, so the extra
-    // copies in flight are few, where with every block streaming a chunk
-    // they slow every handoff (H200: -2.1% at 0-255, and +1.1 / +3.3% at
-    // 1,024 / 4,096 where that was the rule for all chunks; RESULTS.md).
+    // in flight, and so does a chunk that is its head's whole cache (at
+    // most ATTN_ONE_CHUNK keys): only the NUM_Q_HEADS blocks with such a
+    // chunk stream tiles then, so the extra copies in flight are few, where
+    // with every block streaming a chunk they slow every handoff
+    // (src/kernel_dims.rs, RING_KV_IN_FLIGHT, has the measurements).
     // `cycles`, when not null, receives the ProducerClock counts (total,
     // slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
