@@ -274,18 +274,21 @@ struct StreamRing {
     // at once. A chunk longer than the ring cannot be in place before
     // attention starts, and attention then waits for the stream itself; one
     // longer than one and a half rings goes with p.ring_kv_in_flight copies
-    // in flight, and so does a chunk that is its head's whole cache (at
-    // most ATTN_ONE_CHUNK keys): only the NUM_Q_HEADS blocks with such a
-    // chunk stream tiles then, so the extra copies in flight are few, where
-    // with every block streaming a chunk they slow every handoff
-    // (src/kernel_dims.rs, RING_KV_IN_FLIGHT, has the measurements).
+    // in flight. A chunk that is its head's whole cache (at most
+    // ATTN_ONE_CHUNK keys) goes with p.ring_one_chunk_in_flight: only the
+    // NUM_Q_HEADS blocks with such a chunk stream tiles then, so the extra
+    // copies in flight are few, where with every block streaming a chunk
+    // they slow every handoff (src/kernel_dims.rs, RING_KV_IN_FLIGHT and
+    // RING_ONE_CHUNK_IN_FLIGHT, has the measurements).
     // `cycles`, when not null, receives the ProducerClock counts (total,
     // slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
                             unsigned long long* cycles) const {
         const int in_flight = (int)p.ring_in_flight;
         const bool long_chunk = n_kv_tiles > (int)(slot_count() + slot_count() / 2);
-        const int kv_in_flight = long_chunk || task.n_chunks == 1 ? (int)p.ring_kv_in_flight : in_flight;
+        const int kv_in_flight = task.n_chunks == 1 ? (int)p.ring_one_chunk_in_flight
+                                 : long_chunk        ? (int)p.ring_kv_in_flight
+                                                     : in_flight;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();

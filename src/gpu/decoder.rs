@@ -78,6 +78,7 @@ struct DecodeParams {
     ring_slots: u32,
     ring_in_flight: u32,
     ring_kv_in_flight: u32,
+    ring_one_chunk_in_flight: u32,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -244,7 +245,7 @@ impl GpuDecoder {
                 device.name
             );
         }
-        let (ring_in_flight, ring_kv_in_flight) = ring_in_flight(ring_slots)?;
+        let in_flight = ring_in_flight(ring_slots)?;
         let decode_blocks = device.sm_count;
         if HIDDEN.div_ceil(decode_blocks as usize) > DECODE_RESIDUAL_MAX_ROWS {
             bail!(
@@ -328,8 +329,9 @@ impl GpuDecoder {
             max_chunks: max_chunks as u32,
             eps,
             ring_slots: ring_slots as u32,
-            ring_in_flight: ring_in_flight as u32,
-            ring_kv_in_flight: ring_kv_in_flight as u32,
+            ring_in_flight: in_flight.weights as u32,
+            ring_kv_in_flight: in_flight.long_chunk as u32,
+            ring_one_chunk_in_flight: in_flight.one_chunk as u32,
             phase_times: 0,
         };
         let lm_params = LmHeadParams {

@@ -8,8 +8,8 @@ use cudarc::driver::sys;
 
 use crate::gpu::device::Device;
 use crate::kernel_dims::{
-    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_SLOTS_SM120,
-    RING_SLOTS_SM90, RING_SLOT_BYTES,
+    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_ONE_CHUNK_IN_FLIGHT,
+    RING_SLOTS_SM120, RING_SLOTS_SM90, RING_SLOT_BYTES,
 };
 
 /// Weight-ring slots of the decode kernel on this GPU: as many as fit the
@@ -64,26 +64,37 @@ fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
     Ok(slots)
 }
 
-/// Slot copies the decode kernel's producer keeps in flight: (weights,
-/// attention keys and values). `QWEN_MK_DECODE_IN_FLIGHT` and
-/// `QWEN_MK_DECODE_KV_IN_FLIGHT` (1 to the ring's slots) override them, for
-/// tuning.
-pub(super) fn ring_in_flight(ring_slots: usize) -> Result<(usize, usize)> {
+/// Slot copies the decode kernel's producer keeps in flight
+/// (src/kernel_dims.rs says why each is what it is).
+pub(super) struct InFlight {
+    pub weights: usize,
+    /// While it streams an attention chunk over one and a half rings long.
+    pub long_chunk: usize,
+    /// While it streams a chunk that is its head's whole cache.
+    pub one_chunk: usize,
+}
+
+/// The copies in flight for a ring of `ring_slots`:
+/// `QWEN_MK_DECODE_IN_FLIGHT`, `QWEN_MK_DECODE_KV_IN_FLIGHT` and
+/// `QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT` (1 to the ring's slots) override
+/// them, for tuning.
+pub(super) fn ring_in_flight(ring_slots: usize) -> Result<InFlight> {
     let setting = |name: &str, default: usize| -> Result<usize> {
         parse_in_flight(
             name,
             crate::gpu::env_setting(name)?.as_deref(),
-            default,
+            default.min(ring_slots),
             ring_slots,
         )
     };
-    Ok((
-        setting("QWEN_MK_DECODE_IN_FLIGHT", RING_IN_FLIGHT)?,
-        setting(
-            "QWEN_MK_DECODE_KV_IN_FLIGHT",
-            RING_KV_IN_FLIGHT.min(ring_slots),
+    Ok(InFlight {
+        weights: setting("QWEN_MK_DECODE_IN_FLIGHT", RING_IN_FLIGHT)?,
+        long_chunk: setting("QWEN_MK_DECODE_KV_IN_FLIGHT", RING_KV_IN_FLIGHT)?,
+        one_chunk: setting(
+            "QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT",
+            RING_ONE_CHUNK_IN_FLIGHT,
         )?,
-    ))
+    })
 }
 
 fn parse_in_flight(
