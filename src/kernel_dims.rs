@@ -95,14 +95,14 @@ pub const RING_IN_FLIGHT: usize = 1;
 /// (6,144) +2.4%, 22 +1.5%, 27 even, 33 -1.2%, 38 -2.6%, 43 -3.5%; three
 /// and four against two at 16,384 (43 tiles): +1.1%, +2.6%. Other chunks,
 /// streamed by nearly every block, go with RING_IN_FLIGHT (two there: +1.1%
-/// at 1,024, +3.3% at 4,096; RESULTS.md).
+/// at 1,024, +3.3% at 4,096; +1.5%, +2.4% again in session 21; RESULTS.md).
 pub const RING_KV_IN_FLIGHT: usize = 2;
 /// Copies in flight while the producer streams a chunk that is its head's
 /// whole cache (up to 256 keys, on the 16 blocks of a query head each): only
 /// those blocks stream tiles then, and attention waits for them. On the
 /// H200 against one: two -2.3% at positions 0-255 (-6.5% at 248-255); with
-/// a warp's lanes polling together, three -1.2% and four -1.5% against two
-/// (RESULTS.md, session 21).
+/// a warp's lanes polling together, three -1.2% and four -1.5% against two,
+/// and four and six alike, -1.6% (RESULTS.md, session 21).
 pub const RING_ONE_CHUNK_IN_FLIGHT: usize = 4;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Before every phase ended in a consumer
