@@ -79,10 +79,18 @@ pub(super) struct InFlight {
 /// `QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT` (1 to the ring's slots) override
 /// them, for tuning.
 pub(super) fn ring_in_flight(ring_slots: usize) -> Result<InFlight> {
+    in_flight_with(ring_slots, crate::gpu::env_setting)
+}
+
+/// The same with the settings read by `read` (the environment, or a test's).
+fn in_flight_with(
+    ring_slots: usize,
+    read: impl Fn(&str) -> Result<Option<String>>,
+) -> Result<InFlight> {
     let setting = |name: &str, default: usize| -> Result<usize> {
         parse_in_flight(
             name,
-            crate::gpu::env_setting(name)?.as_deref(),
+            read(name)?.as_deref(),
             default.min(ring_slots),
             ring_slots,
         )
@@ -190,6 +198,43 @@ mod tests {
             .to_string();
         assert!(
             err.contains("odd Hopper fits 12 weight-ring slots") && err.contains("RING_SLOTS_SM90"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn each_stream_has_its_own_copies_in_flight_within_the_ring() {
+        let unset = |_: &str| Ok(None);
+        // Hopper's 16 slots and the RTX 5090's 6 hold every default.
+        for slots in [16, 6] {
+            let n = in_flight_with(slots, unset).unwrap();
+            assert_eq!(
+                (n.weights, n.long_chunk, n.one_chunk),
+                (RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_ONE_CHUNK_IN_FLIGHT)
+            );
+        }
+        // The fewest slots the kernel runs with: defaults clamp to them.
+        let n = in_flight_with(RING_MIN_SLOTS, unset).unwrap();
+        assert_eq!(n.one_chunk, RING_MIN_SLOTS.min(RING_ONE_CHUNK_IN_FLIGHT));
+        assert!(n.weights <= RING_MIN_SLOTS && n.long_chunk <= RING_MIN_SLOTS);
+        // A setting overrides its own stream only, and a bad one names itself.
+        let one_chunk_six = |name: &str| {
+            Ok((name == "QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT").then(|| "6".to_string()))
+        };
+        let n = in_flight_with(16, one_chunk_six).unwrap();
+        assert_eq!(
+            (n.weights, n.long_chunk, n.one_chunk),
+            (RING_IN_FLIGHT, RING_KV_IN_FLIGHT, 6)
+        );
+        assert_eq!(in_flight_with(6, one_chunk_six).unwrap().one_chunk, 6);
+        let too_many =
+            |name: &str| Ok((name == "QWEN_MK_DECODE_KV_IN_FLIGHT").then(|| "7".to_string()));
+        let err = match in_flight_with(6, too_many) {
+            Ok(_) => panic!("7 copies in flight on a ring of 6 slots was taken"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("QWEN_MK_DECODE_KV_IN_FLIGHT") && err.contains("1 to 6"),
             "{err}"
         );
     }
