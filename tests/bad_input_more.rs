@@ -8,7 +8,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{assert_one_line_error, generate, qwen_mk, tiny_checkpoint, CPU_PROMPT};
+use common::{
+    assert_one_line_error, generate, generate_args, qwen_mk, tiny_checkpoint, CPU_PROMPT,
+};
 use qwen_mk::synthetic::{write_checkpoint, Head, Shape, SyntheticSpec, TINY_DIMENSIONS};
 use serde_json::{json, Value};
 
@@ -144,8 +146,7 @@ fn absurd_layer_count_fails_without_exhausting_memory() {
     edit_json(&dir.path().join("config.json"), |c| {
         c["num_hidden_layers"] = json!(400_000_000u64)
     });
-    let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
-    args.extend_from_slice(CPU_PROMPT);
+    let args = generate_args(dir.path(), CPU_PROMPT);
     assert_one_line_error(&qwen_mk_limited(&args), "layers");
 }
 
@@ -443,7 +444,7 @@ fn output_to_a_closed_stdout_ends_quietly() {
     // ends (main.rs says why).
     let dir = tiny_checkpoint(3, true);
     for output in ["--json", "--ignore-eos"] {
-        let mut args = vec!["generate", "--model", dir.path().to_str().unwrap(), output];
+        let mut args = generate_args(dir.path(), &[output]);
         args.extend_from_slice(CPU_PROMPT);
         let (status, stderr) = run_with_a_closed(Stream::Stdout, &args);
         assert_eq!(status.code(), Some(141), "{output}: {stderr}");
@@ -458,8 +459,7 @@ fn output_with_a_closed_stderr_still_succeeds() {
     // status 101) on generate's closing statistics line. Status lines are
     // best effort; the run and its exit status are the run's own.
     let dir = tiny_checkpoint(3, true);
-    let mut args = vec!["generate", "--model", dir.path().to_str().unwrap()];
-    args.extend_from_slice(CPU_PROMPT);
+    let args = generate_args(dir.path(), CPU_PROMPT);
     let (status, stdout) = run_with_a_closed(Stream::Stderr, &args);
     assert!(status.success(), "{status:?}, stdout: {stdout}");
     assert!(!stdout.is_empty());

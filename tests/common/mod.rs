@@ -46,11 +46,16 @@ pub fn qwen_mk(args: &[&str]) -> Output {
         .expect("run qwen-mk")
 }
 
-/// `generate --model dir` with `extra` after it.
-pub fn generate(dir: &Path, extra: &[&str]) -> Output {
+/// The arguments of `generate --model dir` with `extra` after them.
+pub fn generate_args<'a>(dir: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["generate", "--model", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    qwen_mk(&args)
+    args
+}
+
+/// Runs `generate --model dir` with `extra` after it.
+pub fn generate(dir: &Path, extra: &[&str]) -> Output {
+    qwen_mk(&generate_args(dir, extra))
 }
 
 /// A short prompt, two new tokens, on the CPU backend: a run that works on
