@@ -104,6 +104,17 @@ __device__ __forceinline__ void project_round(const StreamRing& ring, int layer,
     }
 }
 
+// A warp's round of J units, or of `left` of them where it has fewer left:
+// the warp's last round takes only the units that remain.
+template <int P, int J, typename Store>
+__device__ __forceinline__ void project_round_upto(int left, const StreamRing& ring, int layer, const float* vec,
+                                                   long long& ring_wait, int u0, int begin, Store& store) {
+    if constexpr (J > 1) {
+        if (left < J) return project_round_upto<P, J - 1>(left, ring, layer, vec, ring_wait, u0, begin, store);
+    }
+    project_round<P, J>(ring, layer, vec, ring_wait, u0, begin, store);
+}
+
 // A projection phase: the block's units of projection P, read from the
 // ring, dotted with `vec`; consumer warps take units in turn, up to
 // UNITS_AT_ONCE at a time. A warp's last round takes only the units it has
@@ -122,16 +133,7 @@ __device__ __forceinline__ void project(const StreamRing& ring, int layer, const
     const int warp = threadIdx.x / WARP;
     for (int u0 = warp; u0 < n; u0 += CONSUMER_WARPS * AT_ONCE) {
         const int left = (n - u0 + CONSUMER_WARPS - 1) / CONSUMER_WARPS;  // the same in every lane
-        if (left >= AT_ONCE) {
-            project_round<P, AT_ONCE>(ring, layer, vec, ring_wait, u0, begin, store);
-        } else if constexpr (AT_ONCE > 2) {
-            if (left == 2)
-                project_round<P, 2>(ring, layer, vec, ring_wait, u0, begin, store);
-            else
-                project_round<P, 1>(ring, layer, vec, ring_wait, u0, begin, store);
-        } else {
-            project_round<P, 1>(ring, layer, vec, ring_wait, u0, begin, store);
-        }
+        project_round_upto<P, AT_ONCE>(left, ring, layer, vec, ring_wait, u0, begin, store);
     }
 }
 
