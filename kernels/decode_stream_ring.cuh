@@ -17,6 +17,12 @@
 // (measured on the H100: -2.5% per token at short context, -5% at 4,096;
 // prefetching two slots ahead was slower than one).
 //
+// This stream, not the handoffs, is what a short-context layer takes: a
+// diagnostic build whose handoffs cost nothing is only 2% faster, and 8%
+// with two copies in flight; but with the real handoffs two copies make a
+// step 3-9% slower, because copies in flight on any SM lengthen the L2
+// round trips a handoff is made of (H200, RESULTS.md, session 22).
+//
 // Each slot has two mbarriers: `full` completes when the slot's copy has
 // landed (transaction bytes), `empty` when the consumers have read it
 // (RING_SLOT_UNITS arrivals, one per 2 KB of rows), and a word saying which

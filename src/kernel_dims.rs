@@ -85,7 +85,9 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// Slot copies the producer keeps in flight: one. More streams faster but
 /// delays every latency-bound load of the consumers; on the H100 one 12 KB
 /// copy at a time measured 0.745 ms per token, two 0.809, three 0.845, four
-/// 0.875, one 24 KB copy 0.804 (RESULTS.md).
+/// 0.875, one 24 KB copy 0.804 (RESULTS.md). On the H200 (session 22) two
+/// cost +6 / +8 / +9 / +3% at 0-255 / 1,024 / 4,096 / 16,384, though with
+/// the handoffs made free (a diagnostic) they would gain 8%.
 pub const RING_IN_FLIGHT: usize = 1;
 /// Copies in flight while the producer streams an attention chunk longer
 /// than one and a half rings (tiles of 24 positions), which attention waits
