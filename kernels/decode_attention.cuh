@@ -174,6 +174,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     prepare_queries(p, qkv, task, layer, pos, sm);
     consumer_sync();
+    if (threadIdx.x == 0) ring.reading_tiles(layer);
     stamp_phase(p, layer, 1, INPUTS_READY);
 
     WarpAttention<H> state(sm.q);

@@ -42,7 +42,7 @@ struct DecodeParams {
     float eps;                   // RMSNorm epsilon
     unsigned int ring_slots;     // weight-ring slots in the dynamic shared memory (<= RING_MAX_SLOTS)
     unsigned int ring_in_flight; // weight copies the producer keeps outstanding (<= ring_slots)
-    unsigned int ring_kv_in_flight;  // the same while it copies an attention chunk over 1.5 rings long
+    unsigned int ring_kv_in_flight;  // the same for a chunk's tiles once the consumers read them
     unsigned int ring_one_chunk_in_flight;  // the same while it copies a chunk that is its head's whole cache
     unsigned long long* phase_times;  // null, or every block's PHASE_STAMPS timestamps + block 0's 3 producer and 2 consumer clock counts (bench --profile)
 };

@@ -240,6 +240,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ float scratch[CONSUMER_WARPS];
     __shared__ unsigned long long ring_barriers[2 * RING_MAX_SLOTS];
     __shared__ int ring_armed[RING_MAX_SLOTS];
+    __shared__ int ring_tiles_layer;
     __shared__ AttentionTask block_task;
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
     __shared__ SplitKPartials split_partials;
@@ -252,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     const int pos = (int)state->pos;
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) block_task = task;  // attention reads it there in every layer
-    const StreamRing ring(ring_storage, ring_barriers, ring_armed, (int)p.ring_slots,
+    const StreamRing ring(ring_storage, ring_barriers, ring_armed, &ring_tiles_layer, (int)p.ring_slots,
                           kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {

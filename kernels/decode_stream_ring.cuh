@@ -150,6 +150,7 @@ struct StreamRing {
     unsigned long long* full;   // n_slots mbarriers
     unsigned long long* empty;  // n_slots mbarriers
     volatile int* armed;        // n_slots: the use each slot's `full` now counts
+    volatile int* tiles_layer;  // the layer whose attention tiles the consumers now read (-1: none yet)
     int n_slots;
     int slots_per_layer;           // this block's, the same in every layer
     int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
@@ -158,9 +159,14 @@ struct StreamRing {
     // Called by every thread of the block; ends in __syncthreads, after
     // which the producer warp and the consumer warps part. `kv_tiles_` is
     // kv_tiles() of the block's attention task.
-    __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int n_slots_,
-                          int kv_tiles_)
-        : storage(storage_), full(barriers), empty(barriers + RING_MAX_SLOTS), armed(armed_), n_slots(n_slots_) {
+    __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int* tiles_layer_,
+                          int n_slots_, int kv_tiles_)
+        : storage(storage_),
+          full(barriers),
+          empty(barriers + RING_MAX_SLOTS),
+          armed(armed_),
+          tiles_layer(tiles_layer_),
+          n_slots(n_slots_) {
         // A compiled-in count the launch does not match would use shared
         // memory the block does not have: fail the launch instead (the host
         // checks it first, in ring_slots, src/gpu/decoder.rs).
@@ -178,6 +184,7 @@ struct StreamRing {
         first_slot[DOWN_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<DOWN_PROJ>();
         if (threadIdx.x == 0) {
+            *tiles_layer = -1;
             for (int s = 0; s < n_slots; ++s) {
                 armed[s] = -1;
                 asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(full + s)) : "memory");
@@ -266,6 +273,11 @@ struct StreamRing {
                      : "memory");
     }
 
+    // The consumers have their queries and now read the attention tiles of
+    // `layer` (consumer thread 0 calls it): the producer streams the rest of
+    // those tiles deeper from here on (produce_kv_tiles).
+    __device__ void reading_tiles(int layer) const { *tiles_layer = layer; }
+
     // ---- producer side (one thread) ----
 
     // Where the producer's time goes (bench --profile): SM clock cycles in
@@ -277,24 +289,27 @@ struct StreamRing {
 
     // Streams the block's rows of all layers and its attention chunk's
     // cached keys and values, keeping at most p.ring_in_flight slots copying
-    // at once. A chunk longer than the ring cannot be in place before
-    // attention starts, and attention then waits for the stream itself; one
-    // longer than one and a half rings goes with p.ring_kv_in_flight copies
-    // in flight. A chunk that is its head's whole cache (at most
+    // at once. A chunk that is its head's whole cache (at most
     // ATTN_ONE_CHUNK keys) goes with p.ring_one_chunk_in_flight: only the
-    // NUM_Q_HEADS blocks with such a chunk stream tiles then, so the extra
-    // copies in flight are few, where with every block streaming a chunk
-    // they slow every handoff (src/kernel_dims.rs, RING_KV_IN_FLIGHT and
-    // RING_ONE_CHUNK_IN_FLIGHT, has the measurements).
+    // NUM_Q_HEADS blocks with such a chunk stream tiles then, and attention
+    // needs them in place when it starts. Any other chunk's tiles go with
+    // p.ring_in_flight until the block's consumers start reading them, then
+    // with p.ring_kv_in_flight: the stream runs ahead into a layer's tiles
+    // while the consumers are still in E and A, and copies in flight then,
+    // on nearly every block, slow those phases' handoffs; while the
+    // consumers read tiles, no handoff but the merge is awaited
+    // (src/kernel_dims.rs, RING_KV_IN_FLIGHT and RING_ONE_CHUNK_IN_FLIGHT,
+    // has the measurements).
     // `cycles`, when not null, receives the ProducerClock counts (total,
     // slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
                             unsigned long long* cycles) const {
         const int in_flight = (int)p.ring_in_flight;
-        const bool long_chunk = n_kv_tiles > (int)(slot_count() + slot_count() / 2);
-        const int kv_in_flight = task.n_chunks == 1 ? (int)p.ring_one_chunk_in_flight
-                                 : long_chunk        ? (int)p.ring_kv_in_flight
-                                                     : in_flight;
+        // The chunk's copies in flight before its consumers read its tiles,
+        // and once they do.
+        const bool one_chunk = task.n_chunks == 1;
+        const int kv_early = one_chunk ? (int)p.ring_one_chunk_in_flight : in_flight;
+        const int kv_read = one_chunk ? (int)p.ring_one_chunk_in_flight : (int)p.ring_kv_in_flight;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();
@@ -303,7 +318,7 @@ struct StreamRing {
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
             produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
-            produce_kv_tiles(p, task, pos, layer, index, kv_in_flight, clock);
+            produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, clock);
             produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
@@ -346,7 +361,7 @@ struct StreamRing {
     // tiles of KV_TILE positions. They stay in L2 (no evict-first hint):
     // the next step reads them again.
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
-                                     int in_flight, ProducerClock& clock) const {
+                                     int early_in_flight, int read_in_flight, ProducerClock& clock) const {
         const size_t head = kv_cache_head(p, layer, task.kv_head);
         const int cached_end = task.cached_end(pos);
         for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
@@ -355,6 +370,8 @@ struct StreamRing {
             const bf16* values = p.v_cache + head + (size_t)key * HEAD_DIM;
             prefetch_l2(keys, bytes);
             prefetch_l2(values, bytes);
+            const bool read = early_in_flight != read_in_flight && *tiles_layer == layer;
+            const int in_flight = read ? read_in_flight : early_in_flight;
             unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
             unsigned long long* landed = full + slot(index);
             copy(dst, keys, bytes, landed);

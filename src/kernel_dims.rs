@@ -89,16 +89,21 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// cost +6 / +8 / +9 / +3% at 0-255 / 1,024 / 4,096 / 16,384, though with
 /// the handoffs made free (a diagnostic) they would gain 8%.
 pub const RING_IN_FLIGHT: usize = 1;
-/// Copies in flight while the producer streams an attention chunk longer
-/// than one and a half rings (tiles of 24 positions), which attention waits
-/// for. On the H100 at position 16,384 (43 tiles a block): one 1.487 ms per
-/// token, two 1.376, four 1.400, eight 1.421; at 4,096 (11 tiles) one
-/// 0.818, two 0.832. On the H200 (16 slots), two against one: 17 tiles
-/// (6,144) +2.4%, 22 +1.5%, 27 even, 33 -1.2%, 38 -2.6%, 43 -3.5%; three
-/// and four against two at 16,384 (43 tiles): +1.1%, +2.6%. Other chunks,
-/// streamed by nearly every block, go with RING_IN_FLIGHT (two there: +1.1%
-/// at 1,024, +3.3% at 4,096; +1.5%, +2.4% again in session 21; RESULTS.md).
-pub const RING_KV_IN_FLIGHT: usize = 2;
+/// Copies in flight for an attention chunk that is not its head's whole
+/// cache (1,025 keys and up on 132 SMs: nearly every block has one) once
+/// the block's consumers start reading its tiles; before that, while they
+/// are still in the phases before attention, RING_IN_FLIGHT. The stream
+/// runs up to a ring ahead into a layer's tiles, and copies in flight on
+/// every block then slow those phases' handoffs; once the consumers read
+/// the tiles, no handoff but the merge is awaited. On the H200 (session 23)
+/// against two copies for chunks over one and a half rings and one
+/// otherwise, whenever streamed: four once read -4.0% at 16,384, -4.3% at
+/// 8,192, -2.8% at 32,768, -0.3% at 4,096; three -3.7%, two -1.6% at
+/// 16,384. (Before, on the H100 at 16,384: one copy throughout 1.487 ms a
+/// token, two 1.376, four 1.400, eight 1.421.) The kernel that reads this
+/// word compiles differently throughout, and positions 0-255, where no
+/// chunk of this kind exists, are 0.2-0.3% slower with it (RESULTS.md).
+pub const RING_KV_IN_FLIGHT: usize = 4;
 /// Copies in flight while the producer streams a chunk that is its head's
 /// whole cache (up to 256 keys, on the 16 blocks of a query head each): only
 /// those blocks stream tiles then, and attention waits for them. On the

@@ -330,7 +330,7 @@ impl GpuDecoder {
             eps,
             ring_slots: ring_slots as u32,
             ring_in_flight: in_flight.weights as u32,
-            ring_kv_in_flight: in_flight.long_chunk as u32,
+            ring_kv_in_flight: in_flight.chunk_read as u32,
             ring_one_chunk_in_flight: in_flight.one_chunk as u32,
             phase_times: 0,
         };

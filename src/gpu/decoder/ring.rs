@@ -68,8 +68,9 @@ fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
 /// (src/kernel_dims.rs says why each is what it is).
 pub(super) struct InFlight {
     pub weights: usize,
-    /// While it streams an attention chunk over one and a half rings long.
-    pub long_chunk: usize,
+    /// For an attention chunk's tiles once the block's consumers read them
+    /// (a chunk that is not its head's whole cache).
+    pub chunk_read: usize,
     /// While it streams a chunk that is its head's whole cache.
     pub one_chunk: usize,
 }
@@ -97,7 +98,7 @@ fn in_flight_with(
     };
     Ok(InFlight {
         weights: setting("QWEN_MK_DECODE_IN_FLIGHT", RING_IN_FLIGHT)?,
-        long_chunk: setting("QWEN_MK_DECODE_KV_IN_FLIGHT", RING_KV_IN_FLIGHT)?,
+        chunk_read: setting("QWEN_MK_DECODE_KV_IN_FLIGHT", RING_KV_IN_FLIGHT)?,
         one_chunk: setting(
             "QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT",
             RING_ONE_CHUNK_IN_FLIGHT,
@@ -209,21 +210,21 @@ mod tests {
         for slots in [16, 6] {
             let n = in_flight_with(slots, unset).unwrap();
             assert_eq!(
-                (n.weights, n.long_chunk, n.one_chunk),
+                (n.weights, n.chunk_read, n.one_chunk),
                 (RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_ONE_CHUNK_IN_FLIGHT)
             );
         }
         // The fewest slots the kernel runs with: defaults clamp to them.
         let n = in_flight_with(RING_MIN_SLOTS, unset).unwrap();
         assert_eq!(n.one_chunk, RING_MIN_SLOTS.min(RING_ONE_CHUNK_IN_FLIGHT));
-        assert!(n.weights <= RING_MIN_SLOTS && n.long_chunk <= RING_MIN_SLOTS);
+        assert!(n.weights <= RING_MIN_SLOTS && n.chunk_read <= RING_MIN_SLOTS);
         // A setting overrides its own stream only, and a bad one names itself.
         let one_chunk_six = |name: &str| {
             Ok((name == "QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT").then(|| "6".to_string()))
         };
         let n = in_flight_with(16, one_chunk_six).unwrap();
         assert_eq!(
-            (n.weights, n.long_chunk, n.one_chunk),
+            (n.weights, n.chunk_read, n.one_chunk),
             (RING_IN_FLIGHT, RING_KV_IN_FLIGHT, 6)
         );
         assert_eq!(in_flight_with(6, one_chunk_six).unwrap().one_chunk, 6);
