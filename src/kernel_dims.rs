@@ -90,7 +90,7 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// the handoffs made free (a diagnostic) they would gain 8%.
 pub const RING_IN_FLIGHT: usize = 1;
 /// Copies in flight for an attention chunk that is not its head's whole
-/// cache (1,025 keys and up on 132 SMs: nearly every block has one) once
+/// cache (257 keys and up on 132 SMs: nearly every block has one) once
 /// the block's consumers start reading its tiles; before that, while they
 /// are still in the phases before attention, RING_IN_FLIGHT. The stream
 /// runs up to a ring ahead into a layer's tiles, and copies in flight on
