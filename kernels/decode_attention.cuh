@@ -202,7 +202,6 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
         for (int d = 0; d < 4; ++d) sm.out[warp][h * HEAD_DIM + lane * 4 + d] = state.out[h][d];
     }
     consumer_sync();
-    if (threadIdx.x == 0) ring.done_reading_tiles();
 
     // Merge the warps' results (a warp without tiles has max -inf, sum and
     // output 0, and weight 0).

@@ -150,7 +150,7 @@ struct StreamRing {
     unsigned long long* full;   // n_slots mbarriers
     unsigned long long* empty;  // n_slots mbarriers
     volatile int* armed;        // n_slots: the use each slot's `full` now counts
-    volatile int* tiles_layer;  // the layer whose attention tiles the consumers now read (-1: none now)
+    volatile int* tiles_layer;  // the layer whose attention tiles the consumers now read (-1: none yet)
     int n_slots;
     int slots_per_layer;           // this block's, the same in every layer
     int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
@@ -277,8 +277,6 @@ struct StreamRing {
     // `layer` (consumer thread 0 calls it): the producer streams the rest of
     // those tiles deeper from here on (produce_kv_tiles).
     __device__ void reading_tiles(int layer) const { *tiles_layer = layer; }
-    // They are done reading them (consumer thread 0, after a consumer barrier).
-    __device__ void done_reading_tiles() const { *tiles_layer = -1; }
 
     // ---- producer side (one thread) ----
 
@@ -312,9 +310,6 @@ struct StreamRing {
         const bool one_chunk = task.n_chunks == 1;
         const int kv_early = one_chunk ? (int)p.ring_one_chunk_in_flight : in_flight;
         const int kv_read = one_chunk ? (int)p.ring_one_chunk_in_flight : (int)p.ring_kv_in_flight;
-        // Weight copies in flight while the consumers read those tiles.
-        const int in_attention = one_chunk || !task.exists() ? in_flight : (int)p.ring_attention_weights_in_flight;
-        const Depth weights{in_flight, in_attention};
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();
@@ -322,11 +317,11 @@ struct StreamRing {
         int index = 0;
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
-            produce_projection<QKV_PROJ>(w, index, weights, policy, clock);
+            produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
             produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, clock);
-            produce_projection<O_PROJ>(w, index, weights, policy, clock);
-            produce_projection<GATE_UP_PROJ>(w, index, weights, policy, clock);
-            produce_projection<DOWN_PROJ>(w, index, weights, policy, clock);
+            produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
         }
         if (cycles != nullptr) {
             // The last copies land after the loop: wait, so the total is the stream's.
@@ -338,15 +333,9 @@ struct StreamRing {
         }
     }
 
-    // Weight copies in flight: `usual`, or `in_attention` while the
-    // consumers read attention tiles.
-    struct Depth {
-        int usual, in_attention;
-    };
-
     template <int P>
-    __device__ void produce_projection(const bf16* layer_weights, int& index, Depth depth, unsigned long long policy,
-                                       ProducerClock& clock) const {
+    __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight,
+                                       unsigned long long policy, ProducerClock& clock) const {
         using S = Streamed<P>;
         using L = SlotLayout<P>;
         int begin, end;
@@ -358,8 +347,6 @@ struct StreamRing {
             const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
             prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
             if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
-            const int in_flight =
-                depth.in_attention != depth.usual && *tiles_layer >= 0 ? depth.in_attention : depth.usual;
             unsigned char* dst = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
             unsigned long long* landed = full + slot(index);
             copy(dst, rows, row_bytes, landed, policy);

@@ -112,13 +112,6 @@ pub const RING_KV_IN_FLIGHT: usize = 4;
 /// a warp's lanes polling together, three -1.2% and four -1.5% against two,
 /// and four and six alike, -1.6% (RESULTS.md, session 21).
 pub const RING_ONE_CHUNK_IN_FLIGHT: usize = 4;
-/// Weight copies in flight while the block's consumers read the tiles of a
-/// chunk that is not its head's whole cache (257 keys and up on 132 SMs,
-/// where every block reads its tiles at about the same time): no block then
-/// awaits a handoff but the merge, and the weights streamed meanwhile are
-/// what C, D and E read next. Experiment (session 24): 1 is the stream as
-/// before.
-pub const RING_ATTENTION_WEIGHTS_IN_FLIGHT: usize = 1;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Before every phase ended in a consumer
 /// barrier, a block's warps polled while its own results were still being

@@ -79,7 +79,6 @@ struct DecodeParams {
     ring_in_flight: u32,
     ring_kv_in_flight: u32,
     ring_one_chunk_in_flight: u32,
-    ring_attention_weights_in_flight: u32,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -333,7 +332,6 @@ impl GpuDecoder {
             ring_in_flight: in_flight.weights as u32,
             ring_kv_in_flight: in_flight.chunk_read as u32,
             ring_one_chunk_in_flight: in_flight.one_chunk as u32,
-            ring_attention_weights_in_flight: in_flight.attention_weights as u32,
             phase_times: 0,
         };
         let lm_params = LmHeadParams {

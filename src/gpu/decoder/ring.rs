@@ -8,7 +8,7 @@ use cudarc::driver::sys;
 
 use crate::gpu::device::Device;
 use crate::kernel_dims::{
-    RING_ATTENTION_WEIGHTS_IN_FLIGHT, RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_ONE_CHUNK_IN_FLIGHT,
+    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_ONE_CHUNK_IN_FLIGHT,
     RING_SLOTS_SM120, RING_SLOTS_SM90, RING_SLOT_BYTES,
 };
 
@@ -73,9 +73,6 @@ pub(super) struct InFlight {
     pub chunk_read: usize,
     /// While it streams a chunk that is its head's whole cache.
     pub one_chunk: usize,
-    /// For weights while the consumers read the tiles of a chunk that is
-    /// not its head's whole cache.
-    pub attention_weights: usize,
 }
 
 /// The copies in flight for a ring of `ring_slots`:
@@ -105,10 +102,6 @@ fn in_flight_with(
         one_chunk: setting(
             "QWEN_MK_DECODE_ONE_CHUNK_IN_FLIGHT",
             RING_ONE_CHUNK_IN_FLIGHT,
-        )?,
-        attention_weights: setting(
-            "QWEN_MK_DECODE_ATTENTION_WEIGHTS_IN_FLIGHT",
-            RING_ATTENTION_WEIGHTS_IN_FLIGHT,
         )?,
     })
 }
