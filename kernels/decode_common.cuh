@@ -44,7 +44,6 @@ struct DecodeParams {
     unsigned int ring_in_flight; // weight copies the producer keeps outstanding (<= ring_slots)
     unsigned int ring_kv_in_flight;  // the same for a chunk's tiles once the consumers read them
     unsigned int ring_one_chunk_in_flight;  // the same while it copies a chunk that is its head's whole cache
-    unsigned int ring_l2_prefetch;  // experiment: L2 prefetch of 1 weight slots, 2 tiles copied one at a time, 4 tiles copied deeper
     unsigned long long* phase_times;  // null, or every block's PHASE_STAMPS timestamps + block 0's 3 producer and 2 consumer clock counts (bench --profile)
 };
 

@@ -310,7 +310,6 @@ struct StreamRing {
         const bool one_chunk = task.n_chunks == 1;
         const int kv_early = one_chunk ? (int)p.ring_one_chunk_in_flight : in_flight;
         const int kv_read = one_chunk ? (int)p.ring_one_chunk_in_flight : (int)p.ring_kv_in_flight;
-        const bool prefetch = (p.ring_l2_prefetch & 1u) != 0;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();
@@ -318,11 +317,11 @@ struct StreamRing {
         int index = 0;
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
-            produce_projection<QKV_PROJ>(w, index, in_flight, prefetch, policy, clock);
+            produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
             produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, clock);
-            produce_projection<O_PROJ>(w, index, in_flight, prefetch, policy, clock);
-            produce_projection<GATE_UP_PROJ>(w, index, in_flight, prefetch, policy, clock);
-            produce_projection<DOWN_PROJ>(w, index, in_flight, prefetch, policy, clock);
+            produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
         }
         if (cycles != nullptr) {
             // The last copies land after the loop: wait, so the total is the stream's.
@@ -335,7 +334,7 @@ struct StreamRing {
     }
 
     template <int P>
-    __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight, bool prefetch,
+    __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight,
                                        unsigned long long policy, ProducerClock& clock) const {
         using S = Streamed<P>;
         using L = SlotLayout<P>;
@@ -346,10 +345,8 @@ struct StreamRing {
             const unsigned int row_bytes = count * L::ROW_BYTES;
             const bf16* rows = layer_weights + S::WEIGHTS + (size_t)unit * S::K;
             const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
-            if (prefetch) {
-                prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
-                if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
-            }
+            prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
+            if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
             unsigned char* dst = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
             unsigned long long* landed = full + slot(index);
             copy(dst, rows, row_bytes, landed, policy);
@@ -373,7 +370,10 @@ struct StreamRing {
             const bf16* values = p.v_cache + head + (size_t)key * HEAD_DIM;
             const bool read = early_in_flight != read_in_flight && *tiles_layer == layer;
             const int in_flight = read ? read_in_flight : early_in_flight;
-            if ((p.ring_l2_prefetch & (in_flight > 1 ? 4u : 2u)) != 0) {
+            // With several copies in flight once the tiles are read, asking
+            // L2 for them first costs more than it brings (H200, 16,384 keys:
+            // -1.7% without; RESULTS.md, session 24).
+            if (!read) {
                 prefetch_l2(keys, bytes);
                 prefetch_l2(values, bytes);
             }

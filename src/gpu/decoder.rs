@@ -79,7 +79,6 @@ struct DecodeParams {
     ring_in_flight: u32,
     ring_kv_in_flight: u32,
     ring_one_chunk_in_flight: u32,
-    ring_l2_prefetch: u32,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -333,10 +332,6 @@ impl GpuDecoder {
             ring_in_flight: in_flight.weights as u32,
             ring_kv_in_flight: in_flight.chunk_read as u32,
             ring_one_chunk_in_flight: in_flight.one_chunk as u32,
-            ring_l2_prefetch: match crate::gpu::env_setting("QWEN_MK_DECODE_L2_PREFETCH")? {
-                Some(mask) => mask.trim().parse().unwrap_or(7),
-                None => 7,
-            },
             phase_times: 0,
         };
         let lm_params = LmHeadParams {
