@@ -15,7 +15,8 @@
 // to copy them (a bulk prefetch, which needs neither a slot nor a barrier):
 // with one copy in flight, the next one then comes from L2 instead of HBM
 // (measured on the H100: -2.5% per token at short context, -5% at 4,096;
-// prefetching two slots ahead was slower than one).
+// prefetching two slots ahead was slower than one). Only the attention
+// tiles copied several at a time go without it.
 //
 // This stream, not the handoffs, is what a short-context layer takes: a
 // diagnostic build whose handoffs cost nothing is only 2% faster, and 8%
@@ -363,45 +364,25 @@ struct StreamRing {
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
                                      int early_in_flight, int read_in_flight, ProducerClock& clock) const {
         const size_t head = kv_cache_head(p, layer, task.kv_head);
-        const bf16* keys = p.k_cache + head;
-        const bf16* values = p.v_cache + head;
         const int cached_end = task.cached_end(pos);
-        int key = task.begin;
-        if (early_in_flight == read_in_flight) {
-            // A chunk that is its head's whole cache. Attention needs its
-            // tiles in place when it starts, so this loop's instructions
-            // pace a short-context layer: it tests nothing per tile (a test
-            // cost 0.3% at positions 0-255, RESULTS.md, session 24).
-            for (; key < cached_end; key += KV_TILE, ++index)
-                produce_kv_tile(keys, values, key, cached_end, index, early_in_flight, true, clock);
-            return;
+        for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
+            const unsigned int bytes = min(KV_TILE, cached_end - key) * KV_ROW_BYTES;
+            const bf16* keys = p.k_cache + head + (size_t)key * HEAD_DIM;
+            const bf16* values = p.v_cache + head + (size_t)key * HEAD_DIM;
+            const bool read = early_in_flight != read_in_flight && *tiles_layer == layer;
+            const int in_flight = read ? read_in_flight : early_in_flight;
+            // With several copies in flight once the tiles are read, asking
+            // L2 for them first costs more than it brings (H200: -1.0% at
+            // 16,384 keys, -4.2% at 32,768 without; RESULTS.md, session 24).
+            if (!read) {
+                prefetch_l2(keys, bytes);
+                prefetch_l2(values, bytes);
+            }
+            unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
+            unsigned long long* landed = full + slot(index);
+            copy(dst, keys, bytes, landed);
+            copy(dst + KV_VALUES_OFFSET, values, bytes, landed);
         }
-        // Any other chunk: one copy at a time, each tile asked of L2 first,
-        // until the consumers read the tiles; then several, without the L2
-        // prefetch, which then costs more than it brings (H200, 16,384 and
-        // 32,768 keys: -1.0% and -4.2%; RESULTS.md, session 24).
-        for (; key < cached_end; key += KV_TILE, ++index) {
-            const bool read = *tiles_layer == layer;
-            produce_kv_tile(keys, values, key, cached_end, index, read ? read_in_flight : early_in_flight, !read,
-                            clock);
-        }
-    }
-
-    // Tile `index` of the ring: the keys and values of positions [key,
-    // min(key + KV_TILE, end)) of a KV head's cache, `keys` and `values`.
-    __device__ __forceinline__ void produce_kv_tile(const bf16* keys, const bf16* values, int key, int end, int index,
-                                                    int in_flight, bool prefetch, ProducerClock& clock) const {
-        const unsigned int bytes = min(KV_TILE, end - key) * KV_ROW_BYTES;
-        const bf16* tile_keys = keys + (size_t)key * HEAD_DIM;
-        const bf16* tile_values = values + (size_t)key * HEAD_DIM;
-        if (prefetch) {
-            prefetch_l2(tile_keys, bytes);
-            prefetch_l2(tile_values, bytes);
-        }
-        unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
-        unsigned long long* landed = full + slot(index);
-        copy(dst, tile_keys, bytes, landed);
-        copy(dst + KV_VALUES_OFFSET, tile_values, bytes, landed);
     }
 
     // Waits until use `index` of the ring may be filled (the consumers are

@@ -99,12 +99,16 @@ pub const RING_IN_FLIGHT: usize = 1;
 /// against two copies for chunks over one and a half rings and one
 /// otherwise, whenever streamed: four once read -4.0% at 16,384, -4.3% at
 /// 8,192, -2.8% at 32,768, -0.3% at 4,096; three -3.7%, two -1.6% at
-/// 16,384; six as four, eight +1.0% against four. (Before, on the H100 at
+/// 16,384; six as four, eight +1.0% against four. Since session 24 those
+/// copies go without the L2 prefetch the others have (it cost more than it
+/// brought with several in flight), and six gain over four: against
+/// session 23's four with the prefetch, -1.5 to -2.0% at 16,384 and -4.7 to
+/// -5.7% at 32,768, three only -2.1% at 32,768. (Before, on the H100 at
 /// 16,384: one copy throughout 1.487 ms a token, two 1.376, four 1.400,
-/// eight 1.421.) The kernel that reads this word compiles differently
-/// throughout, and positions 0-1,023, where few or no tiles are read deep,
-/// are 0.2-0.3% slower with it (RESULTS.md).
-pub const RING_KV_IN_FLIGHT: usize = 4;
+/// eight 1.421.) Positions 0-1,023, where few or no tiles are read deep,
+/// are 0.2-0.3% slower with the kernel code that makes these choices than
+/// without it, in every way of writing it measured (RESULTS.md).
+pub const RING_KV_IN_FLIGHT: usize = 6;
 /// Copies in flight while the producer streams a chunk that is its head's
 /// whole cache (up to 256 keys, on the 16 blocks of a query head each): only
 /// those blocks stream tiles then, and attention waits for them. On the
