@@ -295,12 +295,12 @@ struct StreamRing {
     // NUM_Q_HEADS blocks with such a chunk stream tiles then, and attention
     // needs them in place when it starts. Any other chunk's tiles go with
     // p.ring_in_flight until the block's consumers start reading them, then
-    // with p.ring_kv_in_flight: the stream runs ahead into a layer's tiles
-    // while the consumers are still in E and A, and copies in flight then,
-    // on nearly every block, slow those phases' handoffs; while the
-    // consumers read tiles, no handoff but the merge is awaited
-    // (src/kernel_dims.rs, RING_KV_IN_FLIGHT and RING_ONE_CHUNK_IN_FLIGHT,
-    // has the measurements).
+    // with p.ring_kv_in_flight and no L2 prefetch: the stream runs ahead
+    // into a layer's tiles while the consumers are still in E and A, and
+    // copies in flight then, on nearly every block, slow those phases'
+    // handoffs; while the consumers read tiles, no handoff but the merge is
+    // awaited (src/kernel_dims.rs, RING_KV_IN_FLIGHT and
+    // RING_ONE_CHUNK_IN_FLIGHT, has the measurements).
     // `cycles`, when not null, receives the ProducerClock counts (total,
     // slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,
