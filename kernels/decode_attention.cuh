@@ -184,7 +184,7 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
         if (t < ring.n_kv_tiles) {
             const int index = ring.kv_slot_of(layer, t);
             const unsigned char* slot = ring.wait_full(index);
-            state.add_tile(slot, slot + KV_VALUES_OFFSET, min(KV_TILE, cached_end - ring.kv_tile_key(task, t)),
+            state.add_tile(slot, slot + KV_VALUES_OFFSET, min(KV_TILE, cached_end - (task.begin + t * KV_TILE)),
                            sm.probs[warp]);
             if (lane == 0) ring.release(index, RING_SLOT_UNITS);
         } else {

@@ -253,8 +253,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     const int pos = (int)state->pos;
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) block_task = task;  // attention reads it there in every layer
-    const StreamRing ring(ring_storage, ring_barriers, ring_armed, &ring_tiles_layer, (int)p.ring_slots, task,
-                          pos);  // ends in __syncthreads
+    const StreamRing ring(ring_storage, ring_barriers, ring_armed, &ring_tiles_layer, (int)p.ring_slots,
+                          kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {
         if (threadIdx.x % WARP == 0) {
             const bool profiled = p.phase_times != nullptr && blockIdx.x == 0;

@@ -63,15 +63,6 @@ __device__ __forceinline__ int kv_tiles(const AttentionTask& task, int pos) {
     return task.exists() ? (max(task.cached_end(pos) - task.begin, 0) + KV_TILE - 1) / KV_TILE : 0;
 }
 
-// The chunk's tile a block streams first: chunk c of n starts c / n of the
-// way in and wraps round. The chunks of a head lie a chunk's length apart
-// in the cache, and a block streams its tiles in step with the others: in
-// order from each chunk's start, the copies in flight at any moment were at
-// nearly the same offset within each chunk (RESULTS.md, session 25).
-__device__ __forceinline__ int kv_first_tile(const AttentionTask& task, int n_tiles) {
-    return task.n_chunks > 1 ? task.chunk * n_tiles / task.n_chunks : 0;
-}
-
 // The four projections of a layer, in the order the phases read them.
 enum Projection { QKV_PROJ = 0, O_PROJ = 1, GATE_UP_PROJ = 2, DOWN_PROJ = 3, NUM_PROJECTIONS = 4 };
 
@@ -165,12 +156,12 @@ struct StreamRing {
     int slots_per_layer;           // this block's, the same in every layer
     int first_slot[NUM_PROJECTIONS];  // of each projection within a layer
     int first_kv_slot, n_kv_tiles;    // the attention chunk's tiles, between QKV and O
-    int kv_first;                     // kv_first_tile()
 
     // Called by every thread of the block; ends in __syncthreads, after
-    // which the producer warp and the consumer warps part.
+    // which the producer warp and the consumer warps part. `kv_tiles_` is
+    // kv_tiles() of the block's attention task.
     __device__ StreamRing(unsigned char* storage_, unsigned long long* barriers, int* armed_, int* tiles_layer_,
-                          int n_slots_, const AttentionTask& task, int pos)
+                          int n_slots_, int kv_tiles_)
         : storage(storage_),
           full(barriers),
           empty(barriers + RING_MAX_SLOTS),
@@ -185,8 +176,7 @@ struct StreamRing {
         first_slot[QKV_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<QKV_PROJ>();
         first_kv_slot = slots_per_layer;
-        n_kv_tiles = kv_tiles(task, pos);
-        kv_first = kv_first_tile(task, n_kv_tiles);
+        n_kv_tiles = kv_tiles_;
         slots_per_layer += n_kv_tiles;
         first_slot[O_PROJ] = slots_per_layer;
         slots_per_layer += projection_slots<O_PROJ>();
@@ -235,14 +225,8 @@ struct StreamRing {
         return layer * slots_per_layer + first_slot[P] + u / SlotLayout<P>::PER_SLOT;
     }
 
-    // Index of the slot holding the attention chunk's `t`-th tile streamed in `layer`.
-    __device__ int kv_slot_of(int layer, int t) const { return layer * slots_per_layer + first_kv_slot + t; }
-
-    // The first key of the chunk's `t`-th tile streamed (from kv_first round).
-    __device__ int kv_tile_key(const AttentionTask& task, int t) const {
-        const int tile = t + kv_first;
-        return task.begin + (tile < n_kv_tiles ? tile : tile - n_kv_tiles) * KV_TILE;
-    }
+    // Index of the slot holding tile `tile` of the attention chunk in `layer`.
+    __device__ int kv_slot_of(int layer, int tile) const { return layer * slots_per_layer + first_kv_slot + tile; }
 
     // Waits until every use in `indices` has landed. Usually they all have
     // (the stream runs ahead of the phases): one look at all of them then,
@@ -381,8 +365,7 @@ struct StreamRing {
                                      int early_in_flight, int read_in_flight, ProducerClock& clock) const {
         const size_t head = kv_cache_head(p, layer, task.kv_head);
         const int cached_end = task.cached_end(pos);
-        for (int t = 0; t < n_kv_tiles; ++t, ++index) {
-            const int key = kv_tile_key(task, t);
+        for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
             const unsigned int bytes = min(KV_TILE, cached_end - key) * KV_ROW_BYTES;
             const bf16* keys = p.k_cache + head + (size_t)key * HEAD_DIM;
             const bf16* values = p.v_cache + head + (size_t)key * HEAD_DIM;
