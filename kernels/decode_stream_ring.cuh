@@ -319,7 +319,7 @@ struct StreamRing {
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
             produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
-            produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, clock);
+            produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, policy, clock);
             produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
             produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
@@ -346,8 +346,8 @@ struct StreamRing {
             const unsigned int row_bytes = count * L::ROW_BYTES;
             const bf16* rows = layer_weights + S::WEIGHTS + (size_t)unit * S::K;
             const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
-            prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
-            if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
+            prefetch_l2(rows, row_bytes, policy);  // acquire may wait a whole copy
+            if (L::PAIRED) prefetch_l2(paired_rows, row_bytes, policy);
             unsigned char* dst = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
             unsigned long long* landed = full + slot(index);
             copy(dst, rows, row_bytes, landed, policy);
@@ -362,7 +362,9 @@ struct StreamRing {
     // tiles of KV_TILE positions. They stay in L2 (no evict-first hint):
     // the next step reads them again.
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
-                                     int early_in_flight, int read_in_flight, ProducerClock& clock) const {
+                                     int early_in_flight, int read_in_flight, unsigned long long policy,
+                                     ProducerClock& clock) const {
+        const bool read_once = task.n_chunks > 1;
         const size_t head = kv_cache_head(p, layer, task.kv_head);
         const int cached_end = task.cached_end(pos);
         for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
@@ -374,6 +376,17 @@ struct StreamRing {
             // With several copies in flight once the tiles are read, asking
             // L2 for them first costs more than it brings (H200: -1.0% at
             // 16,384 keys, -4.2% at 32,768 without; RESULTS.md, session 24).
+            if (read_once) {
+                if (!read) {
+                    prefetch_l2(keys, bytes, policy);
+                    prefetch_l2(values, bytes, policy);
+                }
+                unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
+                unsigned long long* landed = full + slot(index);
+                copy(dst, keys, bytes, landed, policy);
+                copy(dst + KV_VALUES_OFFSET, values, bytes, landed, policy);
+                continue;
+            }
             if (!read) {
                 prefetch_l2(keys, bytes);
                 prefetch_l2(values, bytes);
@@ -410,6 +423,11 @@ struct StreamRing {
     // Starts bringing `bytes` at `src` into L2 (no shared memory, no barrier).
     static __device__ void prefetch_l2(const bf16* src, unsigned int bytes) {
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+    }
+    static __device__ void prefetch_l2(const bf16* src, unsigned int bytes, unsigned long long policy) {
+        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(src), "r"(bytes),
+                     "l"(policy)
+                     : "memory");
     }
     static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar) {
         asm volatile(
