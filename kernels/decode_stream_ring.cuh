@@ -63,13 +63,6 @@ __device__ __forceinline__ int kv_tiles(const AttentionTask& task, int pos) {
     return task.exists() ? (max(task.cached_end(pos) - task.begin, 0) + KV_TILE - 1) / KV_TILE : 0;
 }
 
-// An L2 eviction policy for the stream's copies to carry, or none (the
-// default priority).
-struct L2Hint {
-    bool on = false;
-    unsigned long long policy = 0;
-};
-
 // The four projections of a layer, in the order the phases read them.
 enum Projection { QKV_PROJ = 0, O_PROJ = 1, GATE_UP_PROJ = 2, DOWN_PROJ = 3, NUM_PROJECTIONS = 4 };
 
@@ -320,17 +313,16 @@ struct StreamRing {
         const int kv_read = one_chunk ? (int)p.ring_one_chunk_in_flight : (int)p.ring_kv_in_flight;
         unsigned long long policy;  // weights are read once: evict them from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-        const L2Hint weights{true, policy};
         const long long start = clock64();
         ProducerClock clock;
         int index = 0;
         for (int layer = 0; layer < NUM_LAYERS; ++layer) {
             const bf16* w = layer_weights(p, layer, 0);
-            produce_projection<QKV_PROJ>(w, index, in_flight, weights, clock);
-            produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, L2Hint{!one_chunk, policy}, clock);
-            produce_projection<O_PROJ>(w, index, in_flight, weights, clock);
-            produce_projection<GATE_UP_PROJ>(w, index, in_flight, weights, clock);
-            produce_projection<DOWN_PROJ>(w, index, in_flight, weights, clock);
+            produce_projection<QKV_PROJ>(w, index, in_flight, policy, clock);
+            produce_kv_tiles(p, task, pos, layer, index, kv_early, kv_read, policy, clock);
+            produce_projection<O_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<GATE_UP_PROJ>(w, index, in_flight, policy, clock);
+            produce_projection<DOWN_PROJ>(w, index, in_flight, policy, clock);
         }
         if (cycles != nullptr) {
             // The last copies land after the loop: wait, so the total is the stream's.
@@ -344,7 +336,7 @@ struct StreamRing {
 
     template <int P>
     __device__ void produce_projection(const bf16* layer_weights, int& index, int in_flight,
-                                       L2Hint hint, ProducerClock& clock) const {
+                                       unsigned long long policy, ProducerClock& clock) const {
         using S = Streamed<P>;
         using L = SlotLayout<P>;
         int begin, end;
@@ -354,13 +346,12 @@ struct StreamRing {
             const unsigned int row_bytes = count * L::ROW_BYTES;
             const bf16* rows = layer_weights + S::WEIGHTS + (size_t)unit * S::K;
             const bf16* paired_rows = L::PAIRED ? layer_weights + S::PAIRED + (size_t)unit * S::K : nullptr;
-            // The prefetch without the hint (with it: no change, session 25).
-            prefetch_l2(rows, row_bytes, L2Hint{});  // acquire may wait a whole copy
-            if (L::PAIRED) prefetch_l2(paired_rows, row_bytes, L2Hint{});
+            prefetch_l2(rows, row_bytes);  // acquire may wait a whole copy
+            if (L::PAIRED) prefetch_l2(paired_rows, row_bytes);
             unsigned char* dst = acquire(index, in_flight, row_bytes * (L::PAIRED ? 2 : 1), clock);
             unsigned long long* landed = full + slot(index);
-            copy(dst, rows, row_bytes, landed, hint);
-            if (L::PAIRED) copy(dst + L::PAIRED_OFFSET, paired_rows, row_bytes, landed, hint);
+            copy(dst, rows, row_bytes, landed, policy);
+            if (L::PAIRED) copy(dst + L::PAIRED_OFFSET, paired_rows, row_bytes, landed, policy);
             // The units this use leaves empty count as read already.
             const int unused = (L::PER_SLOT - count) * L::UNIT_UNITS;
             if (unused > 0) release(index, unused);
@@ -368,17 +359,20 @@ struct StreamRing {
     }
 
     // The block's attention chunk of `layer`: its cached keys and values in
-    // tiles of KV_TILE positions, copied with `hint`. A chunk that is its
-    // head's whole cache (at most ATTN_ONE_CHUNK keys, 29 MB of cache in
-    // all) goes without one and stays in L2, where the next step reads it
-    // again. A split chunk's come from a cache larger than L2 and are read
-    // once a step, so they go evict-first like the weights: at the default
-    // priority, 67 MB of them a layer at 16,384 keys pushed out of L2 lines
-    // that every block reads (H200: -3.4% at 16,384, nothing up to 4,096;
-    // the weights' prefetches given the hint as well: nothing; RESULTS.md,
-    // session 25).
+    // tiles of KV_TILE positions. A chunk that is its head's whole cache (at
+    // most ATTN_ONE_CHUNK keys: 29 MB of cache in all) is copied without a
+    // hint and stays in L2, where the next step reads it again. A split
+    // chunk's tiles come from a cache larger than L2 and are read once a
+    // step, so they go evict-first like the weights: at the default
+    // priority, 67 MB of them a layer at 16,384 keys pushed out of L2 the
+    // lines every block reads (H200: -3.4% at 16,384, nothing up to 4,096).
+    // The two kinds take separate branches of the loop: written as one copy
+    // helper taking an optional hint, the same copies made the kernel 1.3%
+    // slower at 0-255, its code laid out afresh (RESULTS.md, session 25).
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
-                                     int early_in_flight, int read_in_flight, L2Hint hint, ProducerClock& clock) const {
+                                     int early_in_flight, int read_in_flight, unsigned long long policy,
+                                     ProducerClock& clock) const {
+        const bool read_once = task.n_chunks > 1;
         const size_t head = kv_cache_head(p, layer, task.kv_head);
         const int cached_end = task.cached_end(pos);
         for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
@@ -390,14 +384,25 @@ struct StreamRing {
             // With several copies in flight once the tiles are read, asking
             // L2 for them first costs more than it brings (H200: -1.0% at
             // 16,384 keys, -4.2% at 32,768 without; RESULTS.md, session 24).
+            if (read_once) {  // evict-first
+                if (!read) {
+                    prefetch_l2(keys, bytes, policy);
+                    prefetch_l2(values, bytes, policy);
+                }
+                unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
+                unsigned long long* landed = full + slot(index);
+                copy(dst, keys, bytes, landed, policy);
+                copy(dst + KV_VALUES_OFFSET, values, bytes, landed, policy);
+                continue;
+            }
             if (!read) {
-                prefetch_l2(keys, bytes, hint);
-                prefetch_l2(values, bytes, hint);
+                prefetch_l2(keys, bytes);
+                prefetch_l2(values, bytes);
             }
             unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
             unsigned long long* landed = full + slot(index);
-            copy(dst, keys, bytes, landed, hint);
-            copy(dst + KV_VALUES_OFFSET, values, bytes, landed, hint);
+            copy(dst, keys, bytes, landed);
+            copy(dst + KV_VALUES_OFFSET, values, bytes, landed);
         }
     }
 
@@ -424,29 +429,29 @@ struct StreamRing {
     }
 
     // Starts bringing `bytes` at `src` into L2 (no shared memory, no barrier).
-    static __device__ void prefetch_l2(const bf16* src, unsigned int bytes, L2Hint hint) {
-        if (hint.on)
-            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(src), "r"(bytes),
-                         "l"(hint.policy)
-                         : "memory");
-        else
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+    static __device__ void prefetch_l2(const bf16* src, unsigned int bytes) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
     }
-    // Copies `bytes` at `src` to `dst`; the mbarrier `bar` counts them in.
+    // The same with an L2 eviction policy.
+    static __device__ void prefetch_l2(const bf16* src, unsigned int bytes, unsigned long long policy) {
+        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(src), "r"(bytes),
+                     "l"(policy)
+                     : "memory");
+    }
+    static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                smem_address(dst)),
+            "l"(src), "r"(bytes), "r"(smem_address(bar))
+            : "memory");
+    }
     static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar,
-                                L2Hint hint) {
-        if (hint.on)
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, "
-                "[%3], %4;" ::"r"(smem_address(dst)),
-                "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(hint.policy)
-                : "memory");
-        else
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                    smem_address(dst)),
-                "l"(src), "r"(bytes), "r"(smem_address(bar))
-                : "memory");
+                                unsigned long long policy) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], "
+            "%4;" ::"r"(smem_address(dst)),
+            "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
+            : "memory");
     }
 };
 
