@@ -311,7 +311,7 @@ struct StreamRing {
         const bool one_chunk = task.n_chunks == 1;
         const int kv_early = one_chunk ? (int)p.ring_one_chunk_in_flight : in_flight;
         const int kv_read = one_chunk ? (int)p.ring_one_chunk_in_flight : (int)p.ring_kv_in_flight;
-        unsigned long long policy;  // weights are read once: evict them from L2 first
+        unsigned long long policy;  // read once a step (weights, split chunks' tiles): evict from L2 first
         asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
         const long long start = clock64();
         ProducerClock clock;
@@ -365,7 +365,8 @@ struct StreamRing {
     // chunk's tiles come from a cache larger than L2 and are read once a
     // step, so they go evict-first like the weights: at the default
     // priority, 67 MB of them a layer at 16,384 keys pushed out of L2 the
-    // lines every block reads (H200: -3.4% at 16,384, nothing up to 4,096).
+    // lines every block reads (H200: -3.5% at 16,384, -2% at 8,192, 0 to
+    // 0.3% up to 4,096).
     // The two kinds take separate branches of the loop: written as one copy
     // helper taking an optional hint, the same copies made the kernel 1.3%
     // slower at 0-255, its code laid out afresh (RESULTS.md, session 25).
