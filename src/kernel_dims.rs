@@ -104,7 +104,9 @@ pub const RING_IN_FLIGHT: usize = 1;
 /// brought with several in flight), and six gain over four: against
 /// session 23's four with the prefetch, -1.5 to -2.0% at 16,384 and -4.7 to
 /// -5.7% at 32,768, three only -2.1% at 32,768; eight as six, twelve +0.5
-/// to +1.0% at 16,384-40,700. (Before, on the H100 at 16,384: one copy
+/// to +1.0% at 16,384-40,700; with the tiles copied evict-first (session
+/// 25), four +0.0 to +0.6% and eight -0.2 to +0.3% against six at
+/// 4,096-32,768. (Before, on the H100 at 16,384: one copy
 /// throughout 1.487 ms a token, two 1.376, four 1.400, eight 1.421.)
 /// Positions 0-1,023, where few or no tiles are read deep,
 /// are 0.2-0.3% slower with the kernel code that makes these choices than
