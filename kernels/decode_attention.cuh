@@ -222,52 +222,100 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
         if (task.n_chunks == 1) {
             attn.store(q_head * HEAD_DIM + d, out / sum);
         } else {
-            float* partial = p.attn_partials + ((size_t)q_head * p.max_chunks + task.chunk) * (HEAD_DIM + 2);
-            partial[d] = out;
+            // Tagged like the handoffs: the merging block may read them
+            // before they have all landed (merge_if_last).
+            const TaggedVector partials{p.attn_partials, attn.tag};
+            const int partial = (q_head * (int)p.max_chunks + task.chunk) * PARTIAL_WORDS;
+            partials.store(partial + d, out);
             if (d == 0) {
-                partial[HEAD_DIM] = m;
-                partial[HEAD_DIM + 1] = sum;
+                partials.store(partial + HEAD_DIM, m);
+                partials.store(partial + HEAD_DIM + 1, sum);
             }
         }
     }
 }
 
 // The block that finishes the last chunk of the task's query heads merges
-// all their chunks. The acq_rel count publishes this block's partials
-// (ordered by the consumer barrier before it) and, for the last block,
-// acquires everyone's. A counter per layer and query head (the task's first).
-// Every block of the head runs the merge's code and only the last one
-// stores what it computes: run by one block a layer, a different one each
-// time, the merge took 1.5-2 us after the count even with no loads at all,
-// most likely fetching its instructions into an SM that had not run them
-// lately (the kernel's code is 171 KB). The others do it while they would
-// wait for the merged output in phase C anyway (H200: -0.9% at 1,024 keys,
-// -1.3% at 4,096, 0 at 0-255 where nothing merges; RESULTS.md).
+// all their chunks. Thread 0 counts the block's chunk done (a relaxed add:
+// no fence, the partials are tagged) while every merging thread starts
+// reading the partials of up to MERGE_CHUNKS chunks, so that the last block
+// has most of them when the count's answer comes back; it then polls for
+// any not landed yet (H200, against a fenced acq_rel count with the loads
+// after it: -2.6 / -3.4 / -2.9 / -1.7% at 300 / 1,024 / 4,096 / 16,384
+// keys). A warp merges 32 dims of a head: lane c reads chunk c's max and
+// sum, every lane its dim of each chunk's output.
+// Every block of the head runs the merge's code, on what its loads found,
+// and only the last one polls and stores: run by one block a layer, a different one each time,
+// the merge took 1.5-2 us after the count even with no loads at all, most
+// likely fetching its instructions into an SM that had not run them lately
+// (the kernel's code is 171 KB). The others do it while they would wait for
+// the merged output in phase C anyway (H200: -0.9% at 1,024 keys, -1.3% at
+// 4,096, 0 at 0-255 where nothing merges; RESULTS.md).
+constexpr int MERGE_CHUNKS = 16;
 __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, const AttentionTask& task,
                               AttentionShared& sm) {
-    const int n_chunks = task.n_chunks;
+    const int n_chunks = task.n_chunks, lane = threadIdx.x % WARP;
     unsigned int* counter = p.attn_counters + layer * NUM_Q_HEADS + task.q_head;
-    consumer_sync();
+    const TaggedVector partials{p.attn_partials, attn.tag};
+    const bool merging = threadIdx.x < task.q_heads * HEAD_DIM;
+    const int q_head = task.q_head + threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
+    consumer_sync();  // the block's partials are stored
     if (threadIdx.x == 0) {
         cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*counter);
-        sm.is_last = done.fetch_add(1, cuda::memory_order_acq_rel) == (unsigned int)n_chunks - 1;
+        sm.is_last = done.fetch_add(1, cuda::memory_order_relaxed) == (unsigned int)n_chunks - 1;
+    }
+    // Words of chunks first .. first + MERGE_CHUNKS - 1: stats, chunk
+    // `lane`'s max and sum; outs, this thread's dim of each.
+    auto stat_word = [&](int first, int k) {
+        return lane < min(MERGE_CHUNKS, n_chunks - first)
+                   ? (q_head * (int)p.max_chunks + first + lane) * PARTIAL_WORDS + HEAD_DIM + k
+                   : -1;
+    };
+    auto out_word = [&](int first, int k) {
+        return k < n_chunks - first ? (q_head * (int)p.max_chunks + first + k) * PARTIAL_WORDS + d : -1;
+    };
+    unsigned long long stats[2] = {}, outs[MERGE_CHUNKS] = {};
+    if (merging) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+            if (stat_word(0, k) >= 0) stats[k] = partials.load(stat_word(0, k));
+#pragma unroll
+        for (int k = 0; k < MERGE_CHUNKS; ++k)
+            if (out_word(0, k) >= 0) outs[k] = partials.load(out_word(0, k));
     }
     consumer_sync();
     const bool is_last = sm.is_last;
-    if (threadIdx.x < task.q_heads * HEAD_DIM) {
-        const int h = threadIdx.x / HEAD_DIM, d = threadIdx.x % HEAD_DIM;
-        const int q_head = task.q_head + h;
-        const float* partials = p.attn_partials + (size_t)q_head * p.max_chunks * (HEAD_DIM + 2);
-        float m = -INFINITY;
-        for (int c = 0; c < n_chunks; ++c) m = fmaxf(m, load_coherent(partials + c * (HEAD_DIM + 2) + HEAD_DIM));
-        float sum = 0.f, out = 0.f;
-        for (int c = 0; c < n_chunks; ++c) {
-            const float* part = partials + c * (HEAD_DIM + 2);
-            const float w = __expf(load_coherent(part + HEAD_DIM) - m);
-            sum = fmaf(load_coherent(part + HEAD_DIM + 1), w, sum);
-            out = fmaf(load_coherent(part + d), w, out);
+    if (merging) {
+        float run_max = -INFINITY, run_sum = 0.f, run_out = 0.f;
+        for (int first = 0; first < n_chunks; first += MERGE_CHUNKS) {
+            if (first > 0 && !is_last) break;
+            // Only the last block waits; the others merge what they read.
+            await_all(partials, stats, [&](int k) { return is_last ? stat_word(first, k) : -1; });
+            await_all(partials, outs, [&](int k) { return is_last ? out_word(first, k) : -1; });
+            const int group = min(MERGE_CHUNKS, n_chunks - first);
+            const float max = lane < group ? partials.value(stats[0]) : -INFINITY;
+            const float sum = lane < group ? partials.value(stats[1]) : 0.f;
+            const float new_max = fmaxf(run_max, warp_max(max));
+            const float rescale = __expf(run_max - new_max);  // 0 for the first group
+            const float weight = __expf(max - new_max);
+            run_sum *= rescale;
+            run_out *= rescale;
+#pragma unroll
+            for (int c = 0; c < MERGE_CHUNKS; ++c) {
+                if (c >= group) break;
+                const float w = __shfl_sync(0xffffffffu, weight, c);
+                run_sum = fmaf(__shfl_sync(0xffffffffu, sum, c), w, run_sum);
+                run_out = fmaf(partials.value(outs[c]), w, run_out);
+            }
+            run_max = new_max;
+            if (first + MERGE_CHUNKS < n_chunks) {  // the next group's words: tags of 0 are never ready
+#pragma unroll
+                for (int k = 0; k < 2; ++k) stats[k] = 0;
+#pragma unroll
+                for (int k = 0; k < MERGE_CHUNKS; ++k) outs[k] = 0;
+            }
         }
-        if (is_last) attn.store(q_head * HEAD_DIM + d, out / sum);
+        if (is_last) attn.store(q_head * HEAD_DIM + d, run_out / run_sum);
     }
     if (is_last && threadIdx.x == 0) *counter = 0;  // ready for the next launch (the launch boundary orders it)
 }

@@ -32,7 +32,7 @@ struct DecodeParams {
     unsigned long long* qkv_tagged;   // QKV_ROWS
     unsigned long long* attn_tagged;  // Q_DIM
     unsigned long long* mlp_tagged;   // INTERMEDIATE
-    float* attn_partials;        // NUM_Q_HEADS x max_chunks x (HEAD_DIM + 2)
+    unsigned long long* attn_partials;  // NUM_Q_HEADS x max_chunks x PARTIAL_WORDS, tagged
     unsigned int* attn_counters; // NUM_LAYERS x NUM_Q_HEADS, zero between launches
     unsigned long long* launches;  // block arrivals of every launch since the sequence began
     const DecodeState* state;
@@ -60,12 +60,15 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 // runs at least NUM_KV_HEADS blocks), and the host sizes the partials buffer
 // for that many. Up to
 // ATTN_ONE_CHUNK keys a head is one chunk: two would be merged after an
-// atomic count and a round of loads, which costs more than the second half
-// of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
+// atomic count (merge_if_last, decode_attention.cuh), which costs more than
+// the second half of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
 // length made 1,024 3.5% slower; H200: a minimum of 64 made 512-1,024
 // 1.2-5.6% slower).
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
+// A chunk's partial result: its unnormalised output, then the max and the
+// sum of its scores.
+constexpr int PARTIAL_WORDS = HEAD_DIM + 2;
 
 // A task covers both query heads of its KV head, except while the query
 // heads' tasks fit the grid with chunks of at most ATTN_ONE_CHUNK keys (up

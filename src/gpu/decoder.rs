@@ -143,8 +143,10 @@ const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 2;
 const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
 
 /// The decode kernel's handed-on vectors, 64-bit tagged values:
-/// x | qkv | attn | mlp.
+/// x | qkv | attn | mlp, then the attention chunks' partial results.
 const TAGGED_WORDS: usize = HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE;
+/// Words of a chunk's partial result (PARTIAL_WORDS in kernels/decode_common.cuh).
+const PARTIAL_WORDS: usize = HEAD_DIM + 2;
 
 /// Steps per captured CUDA graph: replaying one is one launch for
 /// 2 x GRAPH_STEPS kernels (about 3 us a step less on the H200, `bench`'s
@@ -161,10 +163,11 @@ pub struct GpuDecoder {
     k_cache: CudaSlice<u16>,
     v_cache: CudaSlice<u16>,
     /// Held only to keep the device memory the parameter structs point at.
-    _buffers: (GpuWeights, CudaSlice<f32>, CudaSlice<u64>),
+    _buffers: (GpuWeights, CudaSlice<u64>),
     /// The residual stream the LM head reads (HIDDEN).
     activations: CudaSlice<f32>,
-    /// The vectors decode phases hand on, tagged (zeroed with the counters).
+    /// The vectors decode phases hand on and the attention partials, tagged
+    /// (zeroed with the counters).
     tagged: CudaSlice<u64>,
     /// Batched prefill, or why it cannot run on this machine.
     prefill: std::result::Result<Prefill, String>,
@@ -284,8 +287,8 @@ impl GpuDecoder {
             .alloc_zeros::<u16>(kv_elems)
             .context("cannot allocate the KV cache")?;
         let activations = stream.alloc_zeros::<f32>(HIDDEN)?;
-        let tagged = stream.alloc_zeros::<u64>(TAGGED_WORDS)?;
-        let attn_partials = stream.alloc_zeros::<f32>(NUM_Q_HEADS * max_chunks * (HEAD_DIM + 2))?;
+        let tagged =
+            stream.alloc_zeros::<u64>(TAGGED_WORDS + NUM_Q_HEADS * max_chunks * PARTIAL_WORDS)?;
         let counters = stream.alloc_zeros::<u32>(COUNTER_WORDS)?;
         let state = stream.alloc_zeros::<u32>(STATE_WORDS)?;
         let tokens = stream.alloc_zeros::<u32>(context + 1)?;
@@ -320,7 +323,7 @@ impl GpuDecoder {
             qkv_tagged: tag + 8 * HIDDEN as u64,
             attn_tagged: tag + 8 * (HIDDEN + QKV_ROWS) as u64,
             mlp_tagged: tag + 8 * (HIDDEN + QKV_ROWS + Q_DIM) as u64,
-            attn_partials: ptr(&attn_partials, &stream),
+            attn_partials: tag + 8 * TAGGED_WORDS as u64,
             attn_counters: count,
             launches: count + 4 * MERGE_COUNTERS as u64,
             state: ptr(&state, &stream),
@@ -369,7 +372,7 @@ impl GpuDecoder {
             lm_head_blocks,
             k_cache,
             v_cache,
-            _buffers: (weights, attn_partials, block_best),
+            _buffers: (weights, block_best),
             activations,
             tagged,
             prefill,
