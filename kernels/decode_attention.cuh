@@ -245,12 +245,13 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 // keys). A warp merges 32 dims of a head: lane c reads chunk c's max and
 // sum, every lane its dim of each chunk's output.
 // Every block of the head runs the merge's code, on what its loads found,
-// and only the last one polls and stores: run by one block a layer, a different one each time,
-// the merge took 1.5-2 us after the count even with no loads at all, most
-// likely fetching its instructions into an SM that had not run them lately
-// (the kernel's code is 171 KB). The others do it while they would wait for
-// the merged output in phase C anyway (H200: -0.9% at 1,024 keys, -1.3% at
-// 4,096, 0 at 0-255 where nothing merges; RESULTS.md).
+// and only the last one polls and stores: run by one block a layer, a
+// different one each time, the merge took 1.5-2 us after the count even
+// with no loads at all, most likely fetching its instructions into an SM
+// that had not run them lately (the kernel's code is 171 KB). The others do
+// it while they would wait for the merged output in phase C anyway (H200:
+// -0.9% at 1,024 keys, -1.3% at 4,096, 0 at 0-255 where nothing merges;
+// RESULTS.md).
 constexpr int MERGE_CHUNKS = 16;
 __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, const AttentionTask& task,
                               AttentionShared& sm) {

@@ -61,9 +61,9 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 // for that many. Up to
 // ATTN_ONE_CHUNK keys a head is one chunk: two would be merged after an
 // atomic count (merge_if_last, decode_attention.cuh), which costs more than
-// the second half of a short chunk (H100: positions 0-255 -3.4%; a minimum of 256 at every
-// length made 1,024 3.5% slower; H200: a minimum of 64 made 512-1,024
-// 1.2-5.6% slower).
+// the second half of a short chunk (H100: positions 0-255 -3.4%; a minimum
+// of 256 at every length made 1,024 3.5% slower; H200: a minimum of 64 made
+// 512-1,024 1.2-5.6% slower).
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
 // A chunk's partial result: its unnormalised output, then the max and the
