@@ -6,9 +6,9 @@
 // A chunk's cached keys and values reach the block through its stream ring
 // (decode_stream_ring.cuh) in tiles of KV_TILE positions, copied ahead like
 // the weights: attention reads no global memory but q, k and v of this step.
-// Each consumer warp takes tiles in turn and keeps its own online softmax
-// (flash-decoding within the block); the warps' results are merged at the
-// end.
+// Each consumer warp takes tiles (on a short chunk, half tiles) in turn and
+// keeps its own online softmax (flash-decoding within the block); the
+// warps' results are merged at the end.
 #pragma once
 
 #include <cuda/atomic>
@@ -182,7 +182,8 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
     // A warp's tile is a chain of dependent latencies (ncu: about 1.3 us
     // for 24 keys, issuing a quarter of the time). While the chunk's tiles
     // are few enough for two warps each and the own key (short context),
-    // each tile goes to two warps, half its keys each.
+    // each tile goes to two warps, half its keys each (H200: -0.5 to -0.8%
+    // a step at 0-255; RESULTS.md, session 26).
     static_assert(RING_SLOT_UNITS % 2 == 0 && KV_TILE % 2 == 0, "a tile splits in halves");
     const int own = task.holds(pos) ? 1 : 0;
     const int split = 2 * ring.n_kv_tiles + own <= CONSUMER_WARPS ? 1 : 0;  // log2 of the parts a tile
