@@ -67,8 +67,9 @@ __device__ __forceinline__ const bf16* layer_weights(const DecodeParams& p, int 
 constexpr int ATTN_MIN_CHUNK = 128;  // shorter chunks cost more in merging than they save
 constexpr int ATTN_ONE_CHUNK = 256;
 // A chunk's partial result: its unnormalised output, then the max and the
-// sum of its scores.
-constexpr int PARTIAL_WORDS = HEAD_DIM + 2;
+// sum of its scores (src/kernel_dims.rs, which sizes the buffer).
+constexpr int PARTIAL_WORDS = QMK_DECODE_PARTIAL_WORDS;
+static_assert(PARTIAL_WORDS == HEAD_DIM + 2, "");
 
 // A task covers both query heads of its KV head, except while the query
 // heads' tasks fit the grid with chunks of at most ATTN_ONE_CHUNK keys (up

@@ -129,6 +129,10 @@ pub const RING_ONE_CHUNK_IN_FLIGHT: usize = 4;
 /// time) -2.8 to -3.3%, and -3.3 / -3.0 / -0.6% at 1,024 / 4,096 / 16,384,
 /// the steadiest (RESULTS.md).
 pub const DECODE_POLL_BACKOFF_NS: usize = 0;
+/// Words of an attention chunk's partial result, which the decode kernel
+/// stores tagged for the block that merges a head's chunks: the unnormalised
+/// output (HEAD_DIM), then the max and the sum of the chunk's scores.
+pub const DECODE_PARTIAL_WORDS: usize = HEAD_DIM + 2;
 
 /// Prompt positions one batched-prefill pass holds: longer prompts go in
 /// chunks of this many, which bounds prefill's activation memory (about
@@ -190,6 +194,7 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_RING_SLOTS_SM90", RING_SLOTS_SM90),
     ("QMK_RING_SLOTS_SM120", RING_SLOTS_SM120),
     ("QMK_DECODE_POLL_BACKOFF_NS", DECODE_POLL_BACKOFF_NS),
+    ("QMK_DECODE_PARTIAL_WORDS", DECODE_PARTIAL_WORDS),
     ("QMK_PREFILL_ROW_THREADS", PREFILL_ROW_THREADS),
     (
         "QMK_PREFILL_NORM_ROWS_PER_BLOCK",

@@ -33,10 +33,10 @@ use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
-    DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
-    NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
-    RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE, SAMPLE_SMEM_BYTES,
-    SAMPLE_THREADS,
+    DECODE_PARTIAL_WORDS, DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE,
+    LM_HEAD_THREADS, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK,
+    QKV_ROWS, Q_DIM, RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE,
+    SAMPLE_SMEM_BYTES, SAMPLE_THREADS,
 };
 use crate::sampling::Sampling;
 
@@ -145,8 +145,6 @@ const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
 /// The decode kernel's handed-on vectors, 64-bit tagged values:
 /// x | qkv | attn | mlp, then the attention chunks' partial results.
 const TAGGED_WORDS: usize = HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE;
-/// Words of a chunk's partial result (PARTIAL_WORDS in kernels/decode_common.cuh).
-const PARTIAL_WORDS: usize = HEAD_DIM + 2;
 
 /// Steps per captured CUDA graph: replaying one is one launch for
 /// 2 x GRAPH_STEPS kernels (about 3 us a step less on the H200, `bench`'s
@@ -287,8 +285,8 @@ impl GpuDecoder {
             .alloc_zeros::<u16>(kv_elems)
             .context("cannot allocate the KV cache")?;
         let activations = stream.alloc_zeros::<f32>(HIDDEN)?;
-        let tagged =
-            stream.alloc_zeros::<u64>(TAGGED_WORDS + NUM_Q_HEADS * max_chunks * PARTIAL_WORDS)?;
+        let tagged = stream
+            .alloc_zeros::<u64>(TAGGED_WORDS + NUM_Q_HEADS * max_chunks * DECODE_PARTIAL_WORDS)?;
         let counters = stream.alloc_zeros::<u32>(COUNTER_WORDS)?;
         let state = stream.alloc_zeros::<u32>(STATE_WORDS)?;
         let tokens = stream.alloc_zeros::<u32>(context + 1)?;
