@@ -6,173 +6,123 @@
 // A chunk's cached keys and values reach the block through its stream ring
 // (decode_stream_ring.cuh) in tiles of KV_TILE positions, copied ahead like
 // the weights: attention reads no global memory but q, k and v of this step.
-// Each consumer warp takes tiles in turn and keeps its own online softmax
-// (flash-decoding within the block), its products on the tensor cores
-// (WarpAttention); the warps' results are merged at the end.
+// Each consumer warp takes tiles (on a short chunk, half tiles) in turn and
+// keeps its own online softmax (flash-decoding within the block); the
+// warps' results are merged at the end.
 #pragma once
 
 #include <cuda/atomic>
 
 #include "decode_common.cuh"
 #include "decode_stream_ring.cuh"
-#include "tensor_core.cuh"
 
 namespace qmk {
 
 struct AttentionShared {
     __align__(16) float q[GQA_GROUP][HEAD_DIM];
-    // This step's key and value, when the chunk holds pos: a one-row tile
-    // (its halves 128 bytes apart; row 0 is unswizzled).
-    __align__(16) bf16 own_key[HEAD_DIM];
-    __align__(16) bf16 own_value[HEAD_DIM];
+    bf16 own_key[HEAD_DIM], own_value[HEAD_DIM];     // this step's, when the chunk holds pos
+    float probs[CONSUMER_WARPS][GQA_GROUP][KV_TILE];  // a warp's softmax numerators of its tile
     float max[CONSUMER_WARPS][GQA_GROUP], sum[CONSUMER_WARPS][GQA_GROUP];
     float out[CONSUMER_WARPS][GQA_GROUP * HEAD_DIM];  // each warp's unnormalised output
     int is_last;
 };
 
 // One warp's attention over the tiles it takes, for H query heads of a KV
-// head (AttentionTask), on the tensor cores: S = Q K^T as mma m16n8k16 with
-// the queries as the A rows and 8 keys a column tile, then O^T += V^T P^T
-// with 16 head dims a row tile and the probabilities as the B columns, so
-// the accumulator is 32 registers, not 64.
-//
-// The queries and the probabilities are f32; each goes in as a high and a
-// low bf16 part in rows and columns the m16n8 shapes leave spare, which keeps
-// f32 precision at no extra mma (the CUDA-core loop this replaced was f32):
-// A row r < 2H (a0, a2) is the high part of query head r % H and row r + 8
-// (a1, a3) its low part, so a score is d0 + d2; B column c < H holds head c's
-// probabilities' high parts, column H + c their low parts, so an output is
-// column c plus column H + c. A lane of quad g = lane / 4 (g < 2H) thus
-// tracks head g % H's running max and its own share of the sum; quads from
-// 2H on compute on zero rows, and their columns are never read.
+// head (AttentionTask): the running max and sum of the scores, and the
+// unnormalised output (dims 4 lane .. 4 lane + 3 on each lane).
 template <int H>
 struct WarpAttention {
-    unsigned int q[HEAD_DIM / 16][4];      // A fragments of the 8 k-steps of 16 dims
-    float out[HEAD_DIM / 16][4] = {};      // O^T: 16 dims x 8 columns a row tile
-    float max = -INFINITY, sum = 0.f;      // quad g's head; the sum is this lane's share
+    const float (&q)[GQA_GROUP][HEAD_DIM];  // in shared memory, the first H rows
+    float max[H], sum[H];
+    float out[H][4] = {};
 
-    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) {
-        const int lane = threadIdx.x % WARP, row = lane / 4, t = lane % 4;
+    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) : q(queries) {
 #pragma unroll
-        for (int ks = 0; ks < HEAD_DIM / 16; ++ks)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {  // dims 16 ks + 8 half + 2t, + 1
-                const float2 v = row < 2 * H
-                                     ? *reinterpret_cast<const float2*>(&queries[row % H][16 * ks + 8 * half + 2 * t])
-                                     : make_float2(0.f, 0.f);
-                const unsigned int high = pack_bf16x2(v.x, v.y);
-                q[ks][2 * half] = high;
-                q[ks][2 * half + 1] = pack_bf16x2(v.x - bf16_lo(high), v.y - bf16_hi(high));
-            }
+        for (int h = 0; h < H; ++h) {
+            max[h] = -INFINITY;
+            sum[h] = 0.f;
+        }
     }
 
-    // Adds keys 0..n-1 (1 <= n <= KV_TILE) of a tile at shared addresses
-    // `keys` and `values`, laid out as swizzled_offset with halves
-    // `half_bytes` apart. Every ldmatrix reads rows below n only (later rows
-    // read the last key's), so no byte past the tile's keys is used; the
-    // whole tile's mma run whatever n, as one chain the compiler can
-    // interleave (a tile is mostly full).
-    __device__ void add_tile(unsigned int keys, unsigned int values, int n, int half_bytes) {
-        const int lane = threadIdx.x % WARP, row = lane / 4, t = lane % 4;
+    // Adds keys 0..n-1 of a tile: `keys` and `values` are n rows of
+    // KV_ROW_BYTES in shared memory (n <= KV_TILE); `probs` is the warp's
+    // scratch.
+    __device__ void add_tile(const unsigned char* keys, const unsigned char* values, int n,
+                             float (&probs)[GQA_GROUP][KV_TILE]) {
+        const int lane = threadIdx.x % WARP, group = lane / 8, sub = lane % 8;
         constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
-        constexpr int N_TILES = KV_TILE / 8, K_STEPS = (KV_TILE + 15) / 16;
-        float s[N_TILES][4] = {};
+        static_assert(HEAD_DIM == 128, "");
+        // This lane's 16 dims of each query, in registers for the whole
+        // tile: read from shared memory for every key, they were four fifths
+        // of the tile's shared-memory traffic, and a block with many tiles
+        // was bound by it.
+        float qd[H][2][8];
 #pragma unroll
-        for (int j = 0; j < HEAD_DIM / 32; ++j)
+        for (int h = 0; h < H; ++h)
 #pragma unroll
-            for (int nt = 0; nt < N_TILES; ++nt) {
-                // b0, b1 of k-steps 2j and 2j + 1 for keys 8 nt .. 8 nt + 7.
-                unsigned int b[4];
-                const int key = min(nt * 8 + lane % 8, n - 1);
-                ldmatrix_x4(keys + swizzled_offset(key, 4 * j + lane / 8, half_bytes), b);
-                mma_bf16(s[nt], q[2 * j], b[0], b[1]);
-                mma_bf16(s[nt], q[2 * j + 1], b[2], b[3]);
+            for (int half = 0; half < 2; ++half) {
+                const float4 lo = *reinterpret_cast<const float4*>(&q[h][half * 64 + sub * 8]);
+                const float4 hi = *reinterpret_cast<const float4*>(&q[h][half * 64 + sub * 8 + 4]);
+                const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int d = 0; d < 8; ++d) qd[h][half][d] = v[d];
             }
-        // Online softmax: the tile's max over the quad's keys (a lane holds
-        // keys 8 nt + 2t, + 1), then everything before rescaled to it.
-        float tile_max = -INFINITY;
+        // Scores, four keys at a time: eight lanes per key, each with 16 of
+        // its dims as two 16-byte loads that cover the row's halves, so a
+        // quarter warp reads 128 contiguous bytes (no bank conflict).
 #pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt)
+        for (int pass = 0; pass < KV_TILE / 4; ++pass) {
+            if (pass * 4 >= n) break;  // the same for the whole warp
+            const int key = pass * 4 + group;
+            const unsigned char* row = keys + min(key, n - 1) * KV_ROW_BYTES;
+            float s[H] = {};
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const float score = nt * 8 + 2 * t + c < n ? (s[nt][c] + s[nt][c + 2]) * scale : -INFINITY;
-                s[nt][c] = score;
-                tile_max = fmaxf(tile_max, score);
+            for (int half = 0; half < 2; ++half) {
+                float k[8];
+                unpack8(*reinterpret_cast<const uint4*>(row + half * HEAD_DIM + sub * 16), k);
+#pragma unroll
+                for (int h = 0; h < H; ++h)
+#pragma unroll
+                    for (int d = 0; d < 8; ++d) s[h] = fmaf(qd[h][half][d], k[d], s[h]);
             }
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(max, tile_max);  // finite: the tile has a key
-        const float rescale = __expf(max - new_max);
-        max = new_max;
-        // P^T as B fragments of the 16-key steps: keys 2t, 2t + 1 of each
-        // 8-key half, the quad's column (high or low parts).
-        const bool low_part = row >= H;
-        unsigned int prob[K_STEPS][2] = {};
-        float tile_sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < N_TILES; ++nt) {
-            const float e0 = __expf(s[nt][0] - new_max), e1 = __expf(s[nt][1] - new_max);
-            tile_sum += e0 + e1;
-            const unsigned int high = pack_bf16x2(e0, e1);
-            prob[nt / 2][nt % 2] = low_part ? pack_bf16x2(e0 - bf16_lo(high), e1 - bf16_hi(high)) : high;
+            for (int offset = 4; offset > 0; offset /= 2)
+#pragma unroll
+                for (int h = 0; h < H; ++h) s[h] += __shfl_xor_sync(0xffffffffu, s[h], offset);
+            if (sub == 0 && key < n)
+#pragma unroll
+                for (int h = 0; h < H; ++h) probs[h][key] = s[h] * scale;
         }
-        sum = sum * rescale + tile_sum;
-        // This lane's output columns 2t and 2t + 1 belong to quads 2t and
-        // 2t + 1's heads.
-        const float rescale0 = __shfl_sync(0xffffffffu, rescale, 8 * t);
-        const float rescale1 = __shfl_sync(0xffffffffu, rescale, 8 * t + 4);
+        __syncwarp();
+        // Online softmax, a lane per key: rescale what came before to the
+        // tile's new max.
 #pragma unroll
-        for (int m = 0; m < HEAD_DIM / 16; ++m) {
-            out[m][0] *= rescale0;
-            out[m][1] *= rescale1;
-            out[m][2] *= rescale0;
-            out[m][3] *= rescale1;
+        for (int h = 0; h < H; ++h) {
+            const float score = lane < n ? probs[h][lane] : -INFINITY;
+            const float new_max = fmaxf(max[h], warp_max(score));  // finite: the tile has a key
+            const float rescale = __expf(max[h] - new_max);
+            const float e = __expf(score - new_max);
+            if (lane < n) probs[h][lane] = e;
+            max[h] = new_max;
+            sum[h] = sum[h] * rescale + warp_sum(e);
+#pragma unroll
+            for (int d = 0; d < 4; ++d) out[h][d] *= rescale;
         }
-        // O^T += V^T P^T: V^T's A fragments are the value rows read
-        // transposed, dims 16m .. 16m + 15 by keys 16 kk .. 16 kk + 15.
+        __syncwarp();
+        // P.V: every lane its 4 dims of every key (8 bytes; a warp reads a
+        // whole 256-byte row).
+#pragma unroll 4
+        for (int key = 0; key < n; ++key) {
+            const uint2 packed = *reinterpret_cast<const uint2*>(values + key * KV_ROW_BYTES + lane * 8);
+            const float v[4] = {bf16_lo(packed.x), bf16_hi(packed.x), bf16_lo(packed.y), bf16_hi(packed.y)};
 #pragma unroll
-        for (int kk = 0; kk < K_STEPS; ++kk)
+            for (int h = 0; h < H; ++h) {
+                const float prob = probs[h][key];
 #pragma unroll
-            for (int m = 0; m < HEAD_DIM / 16; ++m) {
-                unsigned int a[4];
-                const int key = min(kk * 16 + (lane / 16) * 8 + lane % 8, n - 1);
-                ldmatrix_x4_trans(values + swizzled_offset(key, 2 * m + (lane / 8) % 2, half_bytes), a);
-                mma_bf16(out[m], a, prob[kk][0], prob[kk][1]);
-            }
-    }
-
-    // The warp's result into the block's shared memory: row `warp` of the
-    // max, sum and out arrays.
-    __device__ void store(AttentionShared& sm, int warp) {
-        const int lane = threadIdx.x % WARP, row = lane / 4, t = lane % 4;
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        if (t == 0 && row < H) {
-            sm.max[warp][row] = max;
-            sm.sum[warp][row] = sum;
-        }
-        // Head h's output is column h plus column H + h: for H = 2, lanes
-        // t = 0 and t = 1 hold them; for H = 1, both columns of lane t = 0.
-#pragma unroll
-        for (int m = 0; m < HEAD_DIM / 16; ++m) {
-            float v[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) v[i] = out[m][i];
-            if (H == 2) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], 1);
-            } else {
-                v[0] += v[1];
-                v[2] += v[3];
-            }
-            if (t == 0) {
-#pragma unroll
-                for (int h = 0; h < H; ++h) {
-                    sm.out[warp][h * HEAD_DIM + 16 * m + row] = v[h];
-                    sm.out[warp][h * HEAD_DIM + 16 * m + 8 + row] = v[2 + h];
-                }
+                for (int d = 0; d < 4; ++d) out[h][d] = fmaf(prob, v[d], out[h][d]);
             }
         }
+        __syncwarp();  // probs is rewritten by the next tile
     }
 };
 
@@ -229,19 +179,37 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 
     WarpAttention<H> state(sm.q);
     const int cached_end = task.cached_end(pos);
+    // A warp's tile is a chain of dependent latencies (ncu: about 1.3 us
+    // for 24 keys, issuing a quarter of the time). While the chunk's tiles
+    // are few enough for two warps each and the own key (short context),
+    // each tile goes to two warps, half its keys each (H200: -0.5 to -0.8%
+    // a step at 0-255; RESULTS.md, session 26).
+    static_assert(RING_SLOT_UNITS % 2 == 0 && KV_TILE % 2 == 0, "a tile splits in halves");
     const int own = task.holds(pos) ? 1 : 0;
-    for (int t = warp; t < ring.n_kv_tiles + own; t += CONSUMER_WARPS) {  // the own key last
-        if (t < ring.n_kv_tiles) {
-            const int index = ring.kv_slot_of(layer, t);
-            const unsigned char* slot = ring.wait_full(index);
-            const int n = min(KV_TILE, cached_end - (task.begin + t * KV_TILE));
-            if (n > 0) state.add_tile(smem_address(slot), smem_address(slot + KV_VALUES_OFFSET), n, KV_TILE_HALF_BYTES);
-            if (lane == 0) ring.release(index, RING_SLOT_UNITS);
+    const int split = 2 * ring.n_kv_tiles + own <= CONSUMER_WARPS ? 1 : 0;  // log2 of the parts a tile
+    const int parts = ring.n_kv_tiles << split;
+    for (int t = warp; t < parts + own; t += CONSUMER_WARPS) {  // the own key last
+        if (t < parts) {
+            const int tile = t >> split, first = (t & split) * (KV_TILE / 2);
+            const int index = ring.kv_slot_of(layer, tile);
+            const unsigned char* slot = ring.wait_full(index) + first * KV_ROW_BYTES;
+            const int n = min(KV_TILE >> split, cached_end - (task.begin + tile * KV_TILE + first));
+            if (n > 0) state.add_tile(slot, slot + KV_VALUES_OFFSET, n, sm.probs[warp]);
+            if (lane == 0) ring.release(index, RING_SLOT_UNITS >> split);
         } else {
-            state.add_tile(smem_address(sm.own_key), smem_address(sm.own_value), 1, KV_ROW_BYTES / 2);
+            state.add_tile(reinterpret_cast<const unsigned char*>(sm.own_key),
+                           reinterpret_cast<const unsigned char*>(sm.own_value), 1, sm.probs[warp]);
         }
     }
-    state.store(sm, warp);
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+        if (lane == 0) {
+            sm.max[warp][h] = state.max[h];
+            sm.sum[warp][h] = state.sum[h];
+        }
+#pragma unroll
+        for (int d = 0; d < 4; ++d) sm.out[warp][h * HEAD_DIM + lane * 4 + d] = state.out[h][d];
+    }
     consumer_sync();
 
     // Merge the warps' results (a warp without tiles has max -inf, sum and

@@ -21,12 +21,6 @@ struct ConsumerSync {
 };
 __device__ __forceinline__ void consumer_sync() { ConsumerSync{}(); }
 
-// A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 128-byte
-// aligned), encoded by the host and read by the copy unit.
-struct alignas(128) TensorMap {
-    unsigned long long opaque[16];
-};
-
 struct DecodeParams {
     const bf16* layers;          // NUM_LAYERS x QMK_LAYER_STRIDE, packed (src/gpu/weights.rs)
     const bf16* embed;           // vocab x HIDDEN
@@ -50,7 +44,6 @@ struct DecodeParams {
     unsigned int ring_in_flight; // weight copies the producer keeps outstanding (<= ring_slots)
     unsigned int ring_kv_in_flight;  // the same for a chunk's tiles once the consumers read them
     unsigned int ring_one_chunk_in_flight;  // the same while it copies a chunk that is its head's whole cache
-    const TensorMap* kv_tile_maps;  // the K and V caches' tensor maps (src/gpu/decoder/kv_tiles.rs)
     unsigned long long* phase_times;  // null, or every block's PHASE_STAMPS timestamps + block 0's 3 producer and 2 consumer clock counts (bench --profile)
 };
 

@@ -245,7 +245,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     __shared__ float residual[RESIDUAL_MAX_ROWS];  // this block's rows of x (see below)
     __shared__ SplitKPartials split_partials;
     __shared__ unsigned int first_tag;
-    extern __shared__ __align__(1024) unsigned char ring_shared[];
+    extern __shared__ __align__(128) unsigned char ring_storage[];
 
     const DecodeState* state = p.state;
     if (state->done) return;  // every block reads the same flag: nobody writes it during this launch
@@ -253,10 +253,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_step(const Decod
     const int pos = (int)state->pos;
     const AttentionTask task = AttentionTask::of_block(pos, blockIdx.x, gridDim.x);
     if (threadIdx.x == 0) block_task = task;  // attention reads it there in every layer
-    // The ring's slots start on a 1,024-byte boundary, as the attention
-    // tiles' swizzle needs (decode_stream_ring.cuh); the host gives the block
-    // RING_ALIGN_BYTES more dynamic shared memory for it.
-    unsigned char* ring_storage = ring_shared + ((0u - smem_address(ring_shared)) & (RING_ALIGN_BYTES - 1));
     const StreamRing ring(ring_storage, ring_barriers, ring_armed, &ring_tiles_layer, (int)p.ring_slots,
                           kv_tiles(task, pos));  // ends in __syncthreads
     if (threadIdx.x / WARP == PRODUCER_WARP) {

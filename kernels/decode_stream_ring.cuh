@@ -48,25 +48,15 @@ constexpr int RING_UNIT_BYTES = HIDDEN * (int)sizeof(bf16);
 constexpr int RING_SLOT_UNITS = QMK_RING_SLOT_BYTES / RING_UNIT_BYTES;
 constexpr int RING_SLOT_BYTES = RING_SLOT_UNITS * RING_UNIT_BYTES;
 constexpr int RING_MAX_SLOTS = QMK_RING_MAX_SLOTS;
-constexpr unsigned int RING_ALIGN_BYTES = QMK_RING_ALIGN_BYTES;
-static_assert(RING_ALIGN_BYTES == 1024, "the attention tiles' 128-byte swizzle repeats every 1,024 bytes");
 static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number of 2 KB units");
 
-// A tile of attention keys: a slot's first half holds KV_TILE cached keys of
-// a chunk, its second half their values, each in the swizzled layout of
-// swizzled_offset (tensor_core.cuh: two halves of KV_TILE rows of 128 bytes),
-// which the copy unit writes through the caches' tensor maps
-// (src/gpu/decoder/kv_tiles.rs) and the tensor cores' ldmatrix reads
-// without bank conflicts. A chunk's last tile is copied whole too: its rows
-// past the chunk are never used.
+// A tile of attention keys: a slot's first half holds up to KV_TILE cached
+// keys of a chunk, one 256-byte row each, its second half their values.
 constexpr int KV_ROW_BYTES = HEAD_DIM * (int)sizeof(bf16);
 constexpr int KV_TILE = RING_SLOT_BYTES / 2 / KV_ROW_BYTES;
-constexpr int KV_TILE_HALF_BYTES = KV_TILE * KV_ROW_BYTES / 2;
 constexpr int KV_VALUES_OFFSET = RING_SLOT_BYTES / 2;
-static_assert(KV_TILE == QMK_DECODE_KV_TILE, "the host's tensor maps copy boxes of KV_TILE rows");
-static_assert(KV_TILE % 8 == 0 && KV_TILE <= 32, "attention scores a tile in 8-key mma columns, 16-key P.V steps");
-static_assert(HEAD_DIM == 128 && KV_TILE_HALF_BYTES % 1024 == 0 && RING_SLOT_BYTES % 1024 == 0,
-              "the 128-byte swizzle spans a half row and repeats every 1,024 bytes");
+static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0 && KV_TILE <= WARP,
+              "attention scores a tile four keys at a time, then softmaxes it a lane per key");
 
 // Tiles of this block's attention chunk in every layer of a step at `pos`.
 __device__ __forceinline__ int kv_tiles(const AttentionTask& task, int pos) {
@@ -385,7 +375,6 @@ struct StreamRing {
                                      ProducerClock& clock) const {
         const bool read_once = task.n_chunks > 1;
         const size_t head = kv_cache_head(p, layer, task.kv_head);
-        const int head_row = (int)(head / HEAD_DIM);  // the tensor maps' row of the head's position 0
         const int cached_end = task.cached_end(pos);
         for (int key = task.begin; key < cached_end; key += KV_TILE, ++index) {
             const unsigned int bytes = min(KV_TILE, cached_end - key) * KV_ROW_BYTES;
@@ -401,20 +390,20 @@ struct StreamRing {
                     prefetch_l2(keys, bytes, policy);
                     prefetch_l2(values, bytes, policy);
                 }
-                unsigned char* dst = acquire(index, in_flight, RING_SLOT_BYTES, clock);
+                unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
                 unsigned long long* landed = full + slot(index);
-                copy_tile(dst, p.kv_tile_maps[0], head_row + key, landed, policy);
-                copy_tile(dst + KV_VALUES_OFFSET, p.kv_tile_maps[1], head_row + key, landed, policy);
+                copy(dst, keys, bytes, landed, policy);
+                copy(dst + KV_VALUES_OFFSET, values, bytes, landed, policy);
                 continue;
             }
             if (!read) {
                 prefetch_l2(keys, bytes);
                 prefetch_l2(values, bytes);
             }
-            unsigned char* dst = acquire(index, in_flight, RING_SLOT_BYTES, clock);
+            unsigned char* dst = acquire(index, in_flight, 2 * bytes, clock);
             unsigned long long* landed = full + slot(index);
-            copy_tile(dst, p.kv_tile_maps[0], head_row + key, landed);
-            copy_tile(dst + KV_VALUES_OFFSET, p.kv_tile_maps[1], head_row + key, landed);
+            copy(dst, keys, bytes, landed);
+            copy(dst + KV_VALUES_OFFSET, values, bytes, landed);
         }
     }
 
@@ -450,6 +439,13 @@ struct StreamRing {
                      "l"(policy)
                      : "memory");
     }
+    static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                smem_address(dst)),
+            "l"(src), "r"(bytes), "r"(smem_address(bar))
+            : "memory");
+    }
     static __device__ void copy(unsigned char* dst, const bf16* src, unsigned int bytes, unsigned long long* bar,
                                 unsigned long long policy) {
         asm volatile(
@@ -457,28 +453,6 @@ struct StreamRing {
             "%4;" ::"r"(smem_address(dst)),
             "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
             : "memory");
-    }
-    // Rows [row, row + KV_TILE) of a cache, through its tensor map, into a
-    // tile's layout at `dst`: one box per half row (the swizzle spans 128
-    // bytes), KV_TILE x 128 bytes each.
-    static __device__ void copy_tile(unsigned char* dst, const TensorMap& map, int row, unsigned long long* bar) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-            asm volatile(
-                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
-                "%3}], [%4];" ::"r"(smem_address(dst + half * KV_TILE_HALF_BYTES)),
-                "l"(&map), "r"(half * HEAD_DIM / 2), "r"(row), "r"(smem_address(bar))
-                : "memory");
-    }
-    static __device__ void copy_tile(unsigned char* dst, const TensorMap& map, int row, unsigned long long* bar,
-                                     unsigned long long policy) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half)
-            asm volatile(
-                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint "
-                "[%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_address(dst + half * KV_TILE_HALF_BYTES)),
-                "l"(&map), "r"(half * HEAD_DIM / 2), "r"(row), "r"(smem_address(bar)), "l"(policy)
-                : "memory");
     }
 };
 

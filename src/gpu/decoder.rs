@@ -18,7 +18,6 @@ use cudarc::driver::{
 };
 
 mod generate;
-mod kv_tiles;
 mod measure;
 mod prefill;
 mod ring;
@@ -27,7 +26,7 @@ mod watchdog;
 pub use measure::{median, Profile};
 use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
-use ring::{ring_in_flight, ring_shared_bytes, ring_slots};
+use ring::{ring_in_flight, ring_slots};
 use watchdog::wait_for;
 
 use super::device::Device;
@@ -36,8 +35,8 @@ use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
     DECODE_PARTIAL_WORDS, DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE,
     LM_HEAD_THREADS, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK,
-    QKV_ROWS, Q_DIM, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE, SAMPLE_SMEM_BYTES,
-    SAMPLE_THREADS,
+    QKV_ROWS, Q_DIM, RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE,
+    SAMPLE_SMEM_BYTES, SAMPLE_THREADS,
 };
 use crate::sampling::Sampling;
 
@@ -80,7 +79,6 @@ struct DecodeParams {
     ring_in_flight: u32,
     ring_kv_in_flight: u32,
     ring_one_chunk_in_flight: u32,
-    kv_tile_maps: u64,
     phase_times: u64,
 }
 unsafe impl DeviceRepr for DecodeParams {}
@@ -163,7 +161,7 @@ pub struct GpuDecoder {
     k_cache: CudaSlice<u16>,
     v_cache: CudaSlice<u16>,
     /// Held only to keep the device memory the parameter structs point at.
-    _buffers: (GpuWeights, CudaSlice<u64>, CudaSlice<u64>),
+    _buffers: (GpuWeights, CudaSlice<u64>),
     /// The residual stream the LM head reads (HIDDEN).
     activations: CudaSlice<f32>,
     /// The vectors decode phases hand on and the attention partials, tagged
@@ -230,7 +228,7 @@ impl GpuDecoder {
         // enforced by the cooperative launch; the weight ring takes the
         // shared memory a block can have beyond the kernel's static part.
         let ring_slots = ring_slots(&device)?;
-        let ring_bytes = ring_shared_bytes(ring_slots);
+        let ring_bytes = ring_slots * RING_SLOT_BYTES;
         device.decode_step.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             ring_bytes as i32,
@@ -286,14 +284,6 @@ impl GpuDecoder {
         let v_cache = stream
             .alloc_zeros::<u16>(kv_elems)
             .context("cannot allocate the KV cache")?;
-        let rows = NUM_LAYERS * NUM_KV_HEADS * context;
-        let kv_tile_maps = stream.clone_htod(
-            &[
-                kv_tiles::kv_tile_map(ptr(&k_cache, &stream), rows)?,
-                kv_tiles::kv_tile_map(ptr(&v_cache, &stream), rows)?,
-            ]
-            .concat(),
-        )?;
         let activations = stream.alloc_zeros::<f32>(HIDDEN)?;
         let tagged = stream
             .alloc_zeros::<u64>(TAGGED_WORDS + NUM_Q_HEADS * max_chunks * DECODE_PARTIAL_WORDS)?;
@@ -343,7 +333,6 @@ impl GpuDecoder {
             ring_in_flight: in_flight.weights as u32,
             ring_kv_in_flight: in_flight.chunk_read as u32,
             ring_one_chunk_in_flight: in_flight.one_chunk as u32,
-            kv_tile_maps: ptr(&kv_tile_maps, &stream),
             phase_times: 0,
         };
         let lm_params = LmHeadParams {
@@ -381,7 +370,7 @@ impl GpuDecoder {
             lm_head_blocks,
             k_cache,
             v_cache,
-            _buffers: (weights, block_best, kv_tile_maps),
+            _buffers: (weights, block_best),
             activations,
             tagged,
             prefill,
@@ -459,7 +448,7 @@ impl GpuDecoder {
         let cfg = LaunchConfig {
             grid_dim: (self.decode_blocks, 1, 1),
             block_dim: (DECODE_THREADS as u32, 1, 1),
-            shared_mem_bytes: ring_shared_bytes(params.ring_slots as usize) as u32,
+            shared_mem_bytes: params.ring_slots * RING_SLOT_BYTES as u32,
         };
         let mut launch = self.stream.launch_builder(&self.device.decode_step);
         launch.arg(params);

@@ -8,8 +8,8 @@ use cudarc::driver::sys;
 
 use crate::gpu::device::Device;
 use crate::kernel_dims::{
-    RING_ALIGN_BYTES, RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS,
-    RING_ONE_CHUNK_IN_FLIGHT, RING_SLOTS_SM120, RING_SLOTS_SM90, RING_SLOT_BYTES,
+    RING_IN_FLIGHT, RING_KV_IN_FLIGHT, RING_MAX_SLOTS, RING_MIN_SLOTS, RING_ONE_CHUNK_IN_FLIGHT,
+    RING_SLOTS_SM120, RING_SLOTS_SM90, RING_SLOT_BYTES,
 };
 
 /// Weight-ring slots of the decode kernel on this GPU: as many as fit the
@@ -54,21 +54,14 @@ fn compiled_slots(gpu: &str, cc: (i32, i32), fit: usize) -> Result<usize> {
 }
 
 fn slots_that_fit(gpu: &str, opt_in: usize, fixed: usize) -> Result<usize> {
-    let slots =
-        (opt_in.saturating_sub(fixed + RING_ALIGN_BYTES) / RING_SLOT_BYTES).min(RING_MAX_SLOTS);
+    let slots = (opt_in.saturating_sub(fixed) / RING_SLOT_BYTES).min(RING_MAX_SLOTS);
     if slots < RING_MIN_SLOTS {
         bail!(
             "{gpu} gives a block {opt_in} bytes of shared memory; the decode kernel needs {}",
-            fixed + ring_shared_bytes(RING_MIN_SLOTS)
+            fixed + RING_MIN_SLOTS * RING_SLOT_BYTES
         );
     }
     Ok(slots)
-}
-
-/// The dynamic shared memory of a ring of `slots`: the slots, and room to
-/// start them on the 1,024-byte boundary the kernel aligns them to.
-pub(super) fn ring_shared_bytes(slots: usize) -> usize {
-    slots * RING_SLOT_BYTES + RING_ALIGN_BYTES
 }
 
 /// Slot copies the decode kernel's producer keeps in flight
