@@ -52,19 +52,15 @@ struct WarpAttention {
 
     // Adds keys 0..n-1 of a tile: `keys` and `values` are n rows of
     // KV_ROW_BYTES in shared memory (n <= KV_TILE); `probs` is the warp's
-    // scratch. Its scores on the tensor cores.
+    // scratch. Its scores on the tensor cores or the CUDA cores (see
+    // attention_chunk).
     __device__ void add_tile(const unsigned char* keys, const unsigned char* values, int n,
-                             float (&probs)[GQA_GROUP][KV_TILE]) {
-        scores_on_tensor_cores(keys, n, probs);
+                             float (&probs)[GQA_GROUP][KV_TILE], bool tensor_cores) {
+        if (tensor_cores)
+            scores_on_tensor_cores(keys, n, probs);
+        else
+            scores_on_cuda_cores(keys, n, probs);
         softmax_and_values(values, n, probs);
-    }
-
-    // The same for this step's own key (one row): its one score on the CUDA
-    // cores, which take less time for one key than a tile's mma.
-    __device__ void add_own_key(const unsigned char* key, const unsigned char* value,
-                                float (&probs)[GQA_GROUP][KV_TILE]) {
-        scores_on_cuda_cores(key, 1, probs);
-        softmax_and_values(value, 1, probs);
     }
 
     // probs[h][key] = the scaled score of query head h and key `key`, keys
@@ -205,7 +201,7 @@ struct WarpAttention {
 // memory, its last tile, and the first such block of a KV head appends them
 // to the cache.
 __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, const AttentionTask& task, int layer,
-                                int pos, AttentionShared& sm) {
+                                int pos, bool tensor_cores, AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const bool holds = task.holds(pos);
     if (warp >= task.q_heads + (holds ? 2 : 0)) return;
@@ -223,15 +219,17 @@ __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, 
     for (int i = 0; i < 4; ++i) v[i] = qkv.value(words[i]);
     if (is_q || is_k) norm_rope.apply(v, p.eps);
     if (is_q) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
+        if (!tensor_cores) return;
         // Also as the scores' mma fragments (scores_on_tensor_cores): in
-        // each 32 dims, lane t's 8 (t = 8t' .. 8t' + 7 of them) go to
-        // k-steps 2j (the first four) and 2j + 1, registers a0 / a2 (pairs),
-        // high bf16 parts there and low parts in a1 / a3.
+        // each 32 dims j, lane t's 8 (32j + 8t .. + 7) go to k-steps 2j (the
+        // first four) and 2j + 1, registers a0 / a2 (pairs), high bf16
+        // parts there and low parts in a1 / a3.
         bf16* frags = reinterpret_cast<bf16*>(sm.q_frags);
+        const int t = lane / 8, e = lane % 8;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            sm.q[warp][lane + 32 * i] = v[i];
-            const int t = lane / 8, e = lane % 8;
             bf16* f = frags + (((2 * i + e / 4) * GQA_GROUP + warp) * 4 + t) * 8 + 4 * (e % 4 / 2) + e % 2;
             const bf16 high = __float2bfloat16(v[i]);
             f[0] = high;
@@ -258,7 +256,13 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
                                 const TaggedVector& attn, const AttentionTask& task, int layer, int pos,
                                 AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    prepare_queries(p, qkv, task, layer, pos, sm);
+    // A tile's scores go on the tensor cores when the warps have several
+    // tiles each (chunks of more than 264 keys): there they shorten
+    // attention (H200: -1.3% a step at 16,384-32,768 keys), while a warp's
+    // one tile at shorter lengths takes longer with them than on the CUDA
+    // cores (+1 to +2% at 0-1,024; RESULTS.md, session 27).
+    const bool tensor_cores = ring.n_kv_tiles > CONSUMER_WARPS;
+    prepare_queries(p, qkv, task, layer, pos, tensor_cores, sm);
     consumer_sync();
     if (threadIdx.x == 0) ring.reading_tiles(layer);
     stamp_phase(p, layer, 1, INPUTS_READY);
@@ -280,11 +284,11 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
             const int index = ring.kv_slot_of(layer, tile);
             const unsigned char* slot = ring.wait_full(index) + first * KV_ROW_BYTES;
             const int n = min(KV_TILE >> split, cached_end - (task.begin + tile * KV_TILE + first));
-            if (n > 0) state.add_tile(slot, slot + KV_VALUES_OFFSET, n, sm.probs[warp]);
+            if (n > 0) state.add_tile(slot, slot + KV_VALUES_OFFSET, n, sm.probs[warp], tensor_cores);
             if (lane == 0) ring.release(index, RING_SLOT_UNITS >> split);
         } else {
-            state.add_own_key(reinterpret_cast<const unsigned char*>(sm.own_key),
-                              reinterpret_cast<const unsigned char*>(sm.own_value), sm.probs[warp]);
+            state.add_tile(reinterpret_cast<const unsigned char*>(sm.own_key),
+                           reinterpret_cast<const unsigned char*>(sm.own_value), 1, sm.probs[warp], false);
         }
     }
 #pragma unroll
