@@ -15,16 +15,11 @@
 
 #include "decode_common.cuh"
 #include "decode_stream_ring.cuh"
-#include "tensor_core.cuh"
 
 namespace qmk {
 
 struct AttentionShared {
     __align__(16) float q[GQA_GROUP][HEAD_DIM];
-    // The queries as the A fragments of the scores' mma (WarpAttention::
-    // scores_on_tensor_cores) for the lanes with lane % 4 == t:
-    // [k-step][head][t], registers a0..a3.
-    uint4 q_frags[HEAD_DIM / 16][GQA_GROUP][4];
     bf16 own_key[HEAD_DIM], own_value[HEAD_DIM];     // this step's, when the chunk holds pos
     float probs[CONSUMER_WARPS][GQA_GROUP][KV_TILE];  // a warp's softmax numerators of its tile
     float max[CONSUMER_WARPS][GQA_GROUP], sum[CONSUMER_WARPS][GQA_GROUP];
@@ -38,11 +33,10 @@ struct AttentionShared {
 template <int H>
 struct WarpAttention {
     const float (&q)[GQA_GROUP][HEAD_DIM];  // in shared memory, the first H rows
-    const uint4 (&q_frags)[HEAD_DIM / 16][GQA_GROUP][4];
     float max[H], sum[H];
     float out[H][4] = {};
 
-    __device__ explicit WarpAttention(const AttentionShared& sm) : q(sm.q), q_frags(sm.q_frags) {
+    __device__ explicit WarpAttention(const float (&queries)[GQA_GROUP][HEAD_DIM]) : q(queries) {
 #pragma unroll
         for (int h = 0; h < H; ++h) {
             max[h] = -INFINITY;
@@ -52,69 +46,9 @@ struct WarpAttention {
 
     // Adds keys 0..n-1 of a tile: `keys` and `values` are n rows of
     // KV_ROW_BYTES in shared memory (n <= KV_TILE); `probs` is the warp's
-    // scratch. Its scores on the tensor cores or the CUDA cores (see
-    // attention_chunk).
+    // scratch.
     __device__ void add_tile(const unsigned char* keys, const unsigned char* values, int n,
-                             float (&probs)[GQA_GROUP][KV_TILE], bool tensor_cores) {
-        if (tensor_cores)
-            scores_on_tensor_cores(keys, n, probs);
-        else
-            scores_on_cuda_cores(keys, n, probs);
-        softmax_and_values(values, n, probs);
-    }
-
-    // probs[h][key] = the scaled score of query head h and key `key`, keys
-    // 0..n-1, as mma m16n8k16 (bf16 in, f32 sums): the queries are the A
-    // rows (row r the high bf16 part of head r % H, row r + 8 its low part,
-    // so a score is d0 + d2 and keeps f32 precision), the keys the B columns,
-    // 8 a column tile. In each 32 dims the k-slots are ordered so that a
-    // lane's B registers for two k-steps are 16 contiguous bytes of its
-    // key's row, one load (the query fragments are stored in that order,
-    // prepare_queries); two keys of a quarter warp share banks (2-way).
-    // Rows past n read the last key. H200, against the CUDA cores' 26
-    // instructions a key a lane: RESULTS.md, session 27.
-    __device__ void scores_on_tensor_cores(const unsigned char* keys, int n, float (&probs)[GQA_GROUP][KV_TILE]) {
-        const int lane = threadIdx.x % WARP, row = lane / 4, t = lane % 4;
-        constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
-        constexpr int N_TILES = KV_TILE / 8;
-        static_assert(KV_TILE % 8 == 0 && HEAD_DIM % 32 == 0, "whole mma tiles");
-        float s[N_TILES][4] = {}, s_odd[N_TILES][4] = {};  // even and odd k-steps: chains of 4
-#pragma unroll
-        for (int j = 0; j < HEAD_DIM / 32; ++j) {
-            unsigned int a_even[4], a_odd[4];
-            query_fragment(2 * j, a_even);
-            query_fragment(2 * j + 1, a_odd);
-#pragma unroll
-            for (int nt = 0; nt < N_TILES; ++nt) {
-                const int key = min(nt * 8 + row, n - 1);
-                const uint4 b = *reinterpret_cast<const uint4*>(keys + key * KV_ROW_BYTES + 64 * j + 16 * t);
-                mma_bf16(s[nt], a_even, b.x, b.y);
-                mma_bf16(s_odd[nt], a_odd, b.z, b.w);
-            }
-        }
-        if (row < H) {
-#pragma unroll
-            for (int nt = 0; nt < N_TILES; ++nt)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int key = nt * 8 + 2 * t + c;
-                    if (key < n) probs[row][key] = ((s[nt][c] + s_odd[nt][c]) + (s[nt][c + 2] + s_odd[nt][c + 2])) * scale;
-                }
-        }
-        __syncwarp();
-    }
-
-    __device__ void query_fragment(int ks, unsigned int (&a)[4]) const {
-        const int lane = threadIdx.x % WARP;
-        const uint4 f = q_frags[ks][lane / 4 % H][lane % 4];
-        a[0] = f.x;
-        a[1] = f.y;
-        a[2] = f.z;
-        a[3] = f.w;
-    }
-
-    // probs as above on the CUDA cores, keys 0..n-1.
-    __device__ void scores_on_cuda_cores(const unsigned char* keys, int n, float (&probs)[GQA_GROUP][KV_TILE]) {
+                             float (&probs)[GQA_GROUP][KV_TILE]) {
         const int lane = threadIdx.x % WARP, group = lane / 8, sub = lane % 8;
         constexpr float scale = 0.08838834764831845f;  // 1 / sqrt(HEAD_DIM)
         static_assert(HEAD_DIM == 128, "");
@@ -160,12 +94,8 @@ struct WarpAttention {
                 for (int h = 0; h < H; ++h) probs[h][key] = s[h] * scale;
         }
         __syncwarp();
-    }
-
-    // Online softmax of the scores in probs, a lane per key (what came
-    // before rescaled to the tile's new max), then P.V.
-    __device__ void softmax_and_values(const unsigned char* values, int n, float (&probs)[GQA_GROUP][KV_TILE]) {
-        const int lane = threadIdx.x % WARP;
+        // Online softmax, a lane per key: rescale what came before to the
+        // tile's new max.
 #pragma unroll
         for (int h = 0; h < H; ++h) {
             const float score = lane < n ? probs[h][lane] : -INFINITY;
@@ -201,7 +131,7 @@ struct WarpAttention {
 // memory, its last tile, and the first such block of a KV head appends them
 // to the cache.
 __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, const AttentionTask& task, int layer,
-                                int pos, bool tensor_cores, AttentionShared& sm) {
+                                int pos, AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const bool holds = task.holds(pos);
     if (warp >= task.q_heads + (holds ? 2 : 0)) return;
@@ -221,20 +151,6 @@ __device__ void prepare_queries(const DecodeParams& p, const TaggedVector& qkv, 
     if (is_q) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) sm.q[warp][lane + 32 * i] = v[i];
-        if (!tensor_cores) return;
-        // Also as the scores' mma fragments (scores_on_tensor_cores): in
-        // each 32 dims j, lane t's 8 (32j + 8t .. + 7) go to k-steps 2j (the
-        // first four) and 2j + 1, registers a0 / a2 (pairs), high bf16
-        // parts there and low parts in a1 / a3.
-        bf16* frags = reinterpret_cast<bf16*>(sm.q_frags);
-        const int t = lane / 8, e = lane % 8;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            bf16* f = frags + (((2 * i + e / 4) * GQA_GROUP + warp) * 4 + t) * 8 + 4 * (e % 4 / 2) + e % 2;
-            const bf16 high = __float2bfloat16(v[i]);
-            f[0] = high;
-            f[2] = __float2bfloat16(v[i] - __bfloat162float(high));
-        }
         return;
     }
     bf16* cache = (is_k ? p.k_cache : p.v_cache) + kv_cache_head(p, layer, task.kv_head) + (size_t)pos * HEAD_DIM;
@@ -256,18 +172,12 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
                                 const TaggedVector& attn, const AttentionTask& task, int layer, int pos,
                                 AttentionShared& sm) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    // A tile's scores go on the tensor cores when the warps have several
-    // tiles each (chunks of more than 264 keys): there they shorten
-    // attention (H200: -1.3% a step at 16,384-32,768 keys), while a warp's
-    // one tile at shorter lengths takes longer with them than on the CUDA
-    // cores (+1 to +2% at 0-1,024; RESULTS.md, session 27).
-    const bool tensor_cores = ring.n_kv_tiles > CONSUMER_WARPS;
-    prepare_queries(p, qkv, task, layer, pos, tensor_cores, sm);
+    prepare_queries(p, qkv, task, layer, pos, sm);
     consumer_sync();
     if (threadIdx.x == 0) ring.reading_tiles(layer);
     stamp_phase(p, layer, 1, INPUTS_READY);
 
-    WarpAttention<H> state(sm);
+    WarpAttention<H> state(sm.q);
     const int cached_end = task.cached_end(pos);
     // A warp's tile is a chain of dependent latencies (ncu: about 1.3 us
     // for 24 keys, issuing a quarter of the time). While the chunk's tiles
@@ -284,11 +194,11 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
             const int index = ring.kv_slot_of(layer, tile);
             const unsigned char* slot = ring.wait_full(index) + first * KV_ROW_BYTES;
             const int n = min(KV_TILE >> split, cached_end - (task.begin + tile * KV_TILE + first));
-            if (n > 0) state.add_tile(slot, slot + KV_VALUES_OFFSET, n, sm.probs[warp], tensor_cores);
+            if (n > 0) state.add_tile(slot, slot + KV_VALUES_OFFSET, n, sm.probs[warp]);
             if (lane == 0) ring.release(index, RING_SLOT_UNITS >> split);
         } else {
             state.add_tile(reinterpret_cast<const unsigned char*>(sm.own_key),
-                           reinterpret_cast<const unsigned char*>(sm.own_value), 1, sm.probs[warp], false);
+                           reinterpret_cast<const unsigned char*>(sm.own_value), 1, sm.probs[warp]);
         }
     }
 #pragma unroll

@@ -55,6 +55,7 @@ static_assert(RING_SLOT_BYTES == QMK_RING_SLOT_BYTES, "a slot is a whole number 
 constexpr int KV_ROW_BYTES = HEAD_DIM * (int)sizeof(bf16);
 constexpr int KV_TILE = RING_SLOT_BYTES / 2 / KV_ROW_BYTES;
 constexpr int KV_VALUES_OFFSET = RING_SLOT_BYTES / 2;
+static_assert(KV_TILE == QMK_DECODE_KV_TILE, "src/kernel_dims.rs counts tiles of DECODE_KV_TILE positions");
 static_assert(KV_TILE >= 4 && KV_TILE % 4 == 0 && KV_TILE <= WARP,
               "attention scores a tile four keys at a time, then softmaxes it a lane per key");
 

@@ -27,7 +27,7 @@
 // group.
 #pragma once
 
-#include "tensor_core.cuh"
+#include "common.cuh"
 
 namespace qmk {
 
@@ -65,9 +65,18 @@ struct PrefillAttentionParams {
     unsigned int splits;
 };
 
-// A tile's layout: swizzled_offset (tensor_core.cuh), halves of FA_KEYS rows.
+// The tile layout is the one wgmma reads with 128-byte swizzling (and
+// ldmatrix reads without bank conflicts): half h = chunk / 8 of a key's row
+// holds its head dims 64h .. 64h + 63 in a 128-byte row, and 16-byte chunk
+// c of row r sits at position c ^ (r % 8) of that row, so the 8 rows one
+// access reads land in 8 different bank groups. Halves and tiles are
+// multiples of 1,024 bytes, as the swizzle pattern requires.
 __device__ __forceinline__ unsigned int tile_offset(int row, int chunk) {
-    return swizzled_offset(row, chunk, TILE_HALF_BYTES);
+    return (unsigned int)((chunk / 8) * TILE_HALF_BYTES + row * 128 + (((chunk % 8) ^ (row & 7)) * 16));
+}
+
+__device__ __forceinline__ unsigned int smem_u32(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
 }
 
 // Copies keys [first, first + FA_KEYS) of one head into a tile; keys past

@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-prefill parity parity-long parity-continue parity-prefill generate chat heads bench bench-max variants peers peers-prefill
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-9k ref-prefill parity parity-long parity-9k parity-continue parity-prefill generate chat heads bench bench-max variants peers peers-prefill
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -53,6 +53,8 @@ for step in "${steps[@]}"; do
         run ref 400 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens.json" --steps 128 ;;
     ref-long)
         run ref-long 500 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens-long.json" --steps 128 --prompt-ids-len 4100 ;;
+    ref-9k)
+        run ref-9k 500 python3 reference/make_reference.py --model $M06 --out "$OUT/tokens-9k.json" --steps 64 --prompt-ids-len 9000 ;;
     ref-prefill)
         # References at prompt lengths that are no multiple of any tile (16 steps each).
         mkdir -p "$OUT/prefill-refs"
@@ -67,6 +69,10 @@ for step in "${steps[@]}"; do
     parity-long)
         run parity-long 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --json "$OUT/parity-long.json"
         run parity-long-token-by-token 400 "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --token-by-token ;;
+    parity-9k)
+        # Chunks longer than the decode kernel's warps: several tiles a warp.
+        run parity-9k 400 "$BIN" parity --ref "${REF_9K:-reference/tokens-9k.json}" --model $M06
+        run parity-9k-token-by-token 400 "$BIN" parity --ref "${REF_9K:-reference/tokens-9k.json}" --model $M06 --token-by-token ;;
     parity-continue)
         # The long reference's last 14 or 500 tokens in a second prefill that continues the cache
         # (a chat turn after a long conversation: attention split over the keys, 16 and 2 ways on an H200).

@@ -70,6 +70,9 @@ pub const DECODE_RESIDUAL_MAX_ROWS: usize = 128;
 /// RTX 5090, whose blocks get 99 KB).
 pub const RING_SLOT_BYTES: usize = 12 * 1024;
 pub const RING_MAX_SLOTS: usize = 16;
+/// Cached positions in one attention tile of the ring: a slot's halves hold
+/// their keys and their values.
+pub const DECODE_KV_TILE: usize = RING_SLOT_BYTES / 2 / (HEAD_DIM * 2);
 /// The ring's slot count compiled into the kernel for the architectures
 /// whose every GPU gives a block the same shared memory: Hopper (sm_90,
 /// 227 KB: 16 slots) and sm_120 (RTX 50 series, 99 KB: 6). A use's slot and
@@ -191,6 +194,7 @@ pub const KERNEL_DEFINES: &[(&str, usize)] = &[
     ("QMK_DECODE_RESIDUAL_MAX_ROWS", DECODE_RESIDUAL_MAX_ROWS),
     ("QMK_RING_SLOT_BYTES", RING_SLOT_BYTES),
     ("QMK_RING_MAX_SLOTS", RING_MAX_SLOTS),
+    ("QMK_DECODE_KV_TILE", DECODE_KV_TILE),
     ("QMK_RING_SLOTS_SM90", RING_SLOTS_SM90),
     ("QMK_RING_SLOTS_SM120", RING_SLOTS_SM120),
     ("QMK_DECODE_POLL_BACKOFF_NS", DECODE_POLL_BACKOFF_NS),

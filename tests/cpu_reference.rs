@@ -68,6 +68,30 @@ fn prefill_references_have_their_lengths_and_match_the_cpu_reference() {
     }
 }
 
+/// The long-context references reach the attention regimes they are kept
+/// for: tokens-long.json a cache split into chunks over many blocks, and
+/// tokens-9k.json chunks longer than a decode block's consumer warps take in
+/// one tile each (on a 132-SM H100 or H200, whose 8 KV heads get 16 blocks
+/// each), so that a warp takes several tiles.
+#[test]
+fn long_references_reach_several_tiles_a_warp() {
+    use qwen_mk::kernel_dims::{DECODE_KV_TILE, DECODE_THREADS, NUM_KV_HEADS};
+    let consumer_warps = DECODE_THREADS / 32 - 1; // one producer warp
+    let blocks_per_kv_head = 132 / NUM_KV_HEADS;
+    let chunk_at = |reference: &Reference| reference.prompt_ids.len() / blocks_per_kv_head;
+    let (long, _) = golden_file("tokens-long.json");
+    assert_eq!(long.prompt_ids.len(), 4100);
+    assert!(chunk_at(&long) <= consumer_warps * DECODE_KV_TILE);
+    let (longer, _) = golden_file("tokens-9k.json");
+    assert_eq!(longer.prompt_ids.len(), 9000);
+    assert_eq!(longer.truth.ids.len(), 64);
+    assert!(
+        chunk_at(&longer) > 2 * consumer_warps * DECODE_KV_TILE,
+        "tokens-9k.json's chunks of {} keys are not two tiles a warp",
+        chunk_at(&longer)
+    );
+}
+
 /// The synthetic full-size checkpoint a GPU reference was made from.
 fn full_size_checkpoint(reference: &Reference) -> tempfile::TempDir {
     common::full_size_checkpoint(reference.model.metadata["qwen_mk_seed"].parse().unwrap())
