@@ -69,10 +69,10 @@ fn prefill_references_have_their_lengths_and_match_the_cpu_reference() {
 }
 
 /// The long-context references reach the attention regimes they are kept
-/// for: tokens-long.json a cache split into chunks over many blocks, and
-/// tokens-9k.json chunks longer than a decode block's consumer warps take in
-/// one tile each (on a 132-SM H100 or H200, whose 8 KV heads get 16 blocks
-/// each), so that a warp takes several tiles.
+/// for, on a 132-SM H100 or H200 (16 decode blocks a KV head): with
+/// tokens-long.json a head's cache is split over its blocks in chunks of at
+/// most one tile a consumer warp; with tokens-9k.json the chunks are more
+/// than two tiles a warp, so the decode kernel's warps loop over tiles.
 #[test]
 fn long_references_reach_several_tiles_a_warp() {
     use qwen_mk::kernel_dims::{DECODE_KV_TILE, DECODE_THREADS, NUM_KV_HEADS};
