@@ -143,7 +143,8 @@ const COUNTER_WORDS: usize = MERGE_COUNTERS + 2 + 2;
 const _: () = assert!(MERGE_COUNTERS.is_multiple_of(2));
 
 /// The decode kernel's handed-on vectors, 64-bit tagged values:
-/// x | qkv | attn | mlp, then the attention chunks' partial results.
+/// x | qkv | attn | mlp. The attention chunks' partial results follow them
+/// in the same buffer (`tagged`).
 const TAGGED_WORDS: usize = HIDDEN + QKV_ROWS + Q_DIM + INTERMEDIATE;
 
 /// Steps per captured CUDA graph: replaying one is one launch for
