@@ -245,22 +245,18 @@ __device__ void attention_chunk(const DecodeParams& p, const StreamRing& ring, c
 }
 
 // The block that finishes the last chunk of the task's query heads merges
-// all their chunks. Thread 0 counts the block's chunk done (a relaxed add:
-// no fence, the partials are tagged) while every merging thread starts
-// reading the partials of up to MERGE_CHUNKS chunks, so that the last block
-// has most of them when the count's answer comes back; it then polls for
-// any not landed yet (H200, against a fenced acq_rel count with the loads
-// after it: -2.6 / -3.4 / -2.9 / -1.7% at 300 / 1,024 / 4,096 / 16,384
-// keys). A warp merges 32 dims of a head: lane c reads chunk c's max and
-// sum, every lane its dim of each chunk's output.
-// Every block of the head runs the merge's code, on what its loads found,
-// and only the last one polls and stores: run by one block a layer, a
-// different one each time, the merge took 1.5-2 us after the count even
-// with no loads at all, most likely fetching its instructions into an SM
-// that had not run them lately (the kernel's code is 171 KB). The others do
-// it while they would wait for the merged output in phase C anyway (H200:
-// -0.9% at 1,024 keys, -1.3% at 4,096, 0 at 0-255 where nothing merges;
-// RESULTS.md).
+// all their chunks. Thread 0 counts the block's chunk done with a relaxed
+// add (no fence: the partials are tagged) while every merging thread
+// already loads the partials of up to MERGE_CHUNKS chunks, so the last block
+// has most of them when the count's answer comes back and polls only for
+// any not landed yet (H200: -1.7 to -3.4% at 300-16,384 keys against a
+// fenced count with the loads after it). A warp merges 32 dims of a head:
+// lane c reads chunk c's max and sum, every lane its dim of each chunk's
+// output. Every block of the head runs the merge on what its loads found,
+// and only the last one polls and stores: run by the last block alone, a
+// different one each layer, the merge took 1.5-2 us, most likely fetching
+// its instructions into an SM that had not run them lately; the others run
+// it while they would wait in phase C anyway (RESULTS.md).
 constexpr int MERGE_CHUNKS = 16;
 __device__ void merge_if_last(const DecodeParams& p, const TaggedVector& attn, int layer, const AttentionTask& task,
                               AttentionShared& sm) {

@@ -362,14 +362,11 @@ struct StreamRing {
     // The block's attention chunk of `layer`: its cached keys and values in
     // tiles of KV_TILE positions. A chunk that is its head's whole cache (at
     // most ATTN_ONE_CHUNK keys: 29 MB of cache in all) is copied without a
-    // hint and stays in L2, where the next step reads it again. A split
-    // chunk's tiles come from a cache larger than L2 and are read once a
-    // step, so they go evict-first like the weights: at the default
-    // priority, 67 MB of them a layer at 16,384 keys pushed out of L2 the
-    // lines every block reads (H200: -3.5% at 16,384, -2% at 8,192, 0 to
-    // 0.3% up to 4,096).
-    // The two kinds take separate branches of the loop: written as one copy
-    // helper taking an optional hint, the same copies made the kernel 1.3%
+    // hint and stays in L2 for the next step. A split chunk's tiles are read
+    // once a step from a cache larger than L2, so they go evict-first like
+    // the weights (at the default priority they pushed out of L2 the lines
+    // every block reads: H200 +3.5% at 16,384). The two kinds take separate
+    // branches: one copy helper with an optional hint made the kernel 1.3%
     // slower at 0-255, its code laid out afresh (RESULTS.md, session 25).
     __device__ void produce_kv_tiles(const DecodeParams& p, const AttentionTask& task, int pos, int layer, int& index,
                                      int early_in_flight, int read_in_flight, unsigned long long policy,

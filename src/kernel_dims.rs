@@ -93,27 +93,14 @@ pub const RING_MIN_SLOTS: usize = 3;
 /// the handoffs made free (a diagnostic) they would gain 8%.
 pub const RING_IN_FLIGHT: usize = 1;
 /// Copies in flight for an attention chunk that is not its head's whole
-/// cache (257 keys and up on 132 SMs: nearly every block has one) once
-/// the block's consumers start reading its tiles; before that, while they
-/// are still in the phases before attention, RING_IN_FLIGHT. The stream
-/// runs up to a ring ahead into a layer's tiles, and copies in flight on
-/// every block then slow those phases' handoffs; once the consumers read
-/// the tiles, no handoff but the merge is awaited. On the H200 (session 23)
-/// against two copies for chunks over one and a half rings and one
-/// otherwise, whenever streamed: four once read -4.0% at 16,384, -4.3% at
-/// 8,192, -2.8% at 32,768, -0.3% at 4,096; three -3.7%, two -1.6% at
-/// 16,384; six as four, eight +1.0% against four. Since session 24 those
-/// copies go without the L2 prefetch the others have (it cost more than it
-/// brought with several in flight), and six gain over four: against
-/// session 23's four with the prefetch, -1.5 to -2.0% at 16,384 and -4.7 to
-/// -5.7% at 32,768, three only -2.1% at 32,768; eight as six, twelve +0.5
-/// to +1.0% at 16,384-40,700; with the tiles copied evict-first (session
-/// 25), four +0.0 to +0.6% and eight -0.2 to +0.3% against six at
-/// 4,096-32,768. (Before, on the H100 at 16,384: one copy
-/// throughout 1.487 ms a token, two 1.376, four 1.400, eight 1.421.)
-/// Positions 0-1,023, where few or no tiles are read deep,
-/// are 0.2-0.3% slower with the kernel code that makes these choices than
-/// without it, in every way of writing it measured (RESULTS.md).
+/// cache (257 keys and up on 132 SMs), once the block's consumers read its
+/// tiles; before that, while they are still in the phases before attention,
+/// RING_IN_FLIGHT, because copies in flight on every block slow those
+/// phases' handoffs, and once the tiles are read only the merge is awaited.
+/// On the H200, four once read against the one or two of before: -4% at
+/// 8,192-16,384 (session 23); these copies then lost their L2 prefetch, and
+/// six beat four: -1.5 to -2.0% at 16,384, -4.7 to -5.7% at 32,768; eight
+/// as six, twelve slower (session 24; RESULTS.md).
 pub const RING_KV_IN_FLIGHT: usize = 6;
 /// Copies in flight while the producer streams a chunk that is its head's
 /// whole cache (up to 256 keys, on the 16 blocks of a query head each): only
@@ -123,14 +110,10 @@ pub const RING_KV_IN_FLIGHT: usize = 6;
 /// and four and six alike, -1.6% (RESULTS.md, session 21).
 pub const RING_ONE_CHUNK_IN_FLIGHT: usize = 4;
 /// Nanoseconds a decode block sleeps before it reads again values another
-/// block has not written yet. Before every phase ended in a consumer
-/// barrier, a block's warps polled while its own results were still being
-/// stored, and 256 ns was best on the H200 (against none: 64 +1.7% per
-/// token, 128 +0.6%, 256 -2.4%, 512 +6%). Since, less is better: against
-/// 256 at positions 0-255, round by round, 128 -1.6 to -2.6%, 96 and 64
-/// -2.0 to -3.2%, 512 +15%, and 0 (the sleep instruction kept, with no
-/// time) -2.8 to -3.3%, and -3.3 / -3.0 / -0.6% at 1,024 / 4,096 / 16,384,
-/// the steadiest (RESULTS.md).
+/// block has not written yet. Since every phase ends in a consumer barrier,
+/// none is best: against 256 ns, -2.8 / -3.3 / -3.0 / -0.6% at 0-255 /
+/// 1,024 / 4,096 / 16,384 on the H200, the steadiest setting swept
+/// (RESULTS.md, session 13); 64 and 128 ns were no better (session 21).
 pub const DECODE_POLL_BACKOFF_NS: usize = 0;
 /// Words of an attention chunk's partial result, which the decode kernel
 /// stores tagged for the block that merges a head's chunks: the unnormalised
