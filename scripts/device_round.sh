@@ -4,7 +4,7 @@
 # run parity and bench with the release binary built on the dev machine.
 #
 #   usage (from the repo root, binary carried in .device/):
-#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-9k ref-prefill parity parity-long parity-9k parity-continue parity-prefill generate chat heads bench bench-max variants peers peers-prefill
+#     bash scripts/device_round.sh [steps...]      steps: synth smoke ref-tiny ref ref-long ref-9k ref-prefill parity parity-long parity-9k grids parity-continue parity-prefill generate chat heads bench bench-max variants peers peers-prefill
 #   One log ($OUT/round.log) and a few JSON files go to $OUT (or
 #   /tmp/qwen-mk-out): the device tool returns at most 8 files.
 set -uo pipefail
@@ -73,6 +73,15 @@ for step in "${steps[@]}"; do
         # Chunks longer than the decode kernel's warps: several tiles a warp.
         run parity-9k 400 "$BIN" parity --ref "${REF_9K:-reference/tokens-9k.json}" --model $M06
         run parity-9k-token-by-token 400 "$BIN" parity --ref "${REF_9K:-reference/tokens-9k.json}" --model $M06 --token-by-token ;;
+    grids)
+        # The decode kernel on fewer blocks than this GPU has SMs (QWEN_MK_DECODE_BLOCKS): the
+        # fewest it runs on (8: one KV head a block, never split), and sizes whose attention
+        # splits differ from 132's (17: query heads split up to 256 keys; 66, 100, 131).
+        # Token by token through the 4,100-token reference: every cache length up to 4,228.
+        for blocks in 8 17 66 100 131; do
+            run "parity-grid-$blocks" 300 env QWEN_MK_DECODE_BLOCKS=$blocks "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06
+            run "parity-long-grid-$blocks-token-by-token" 400 env QWEN_MK_DECODE_BLOCKS=$blocks "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --token-by-token
+        done ;;
     parity-continue)
         # The long reference's last 14 or 500 tokens in a second prefill that continues the cache
         # (a chat turn after a long conversation: attention split over the keys, 16 and 2 ways on an H200).

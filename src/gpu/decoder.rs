@@ -4,9 +4,9 @@
 //! the next token where the next step reads it, so steps are queued without
 //! the host waiting on any of them. The host learns each token through a
 //! pinned, mapped buffer the LM head writes, polled behind per-step events
-//! (generate.rs). Beside it: batched prefill (prefill.rs), the weight ring's
-//! sizing (ring.rs), the watchdog every wait goes through (watchdog.rs), and
-//! bench's measurements (measure.rs).
+//! (generate.rs). Beside it: batched prefill (prefill.rs), the decode
+//! kernel's grid (grid.rs) and weight ring (ring.rs), the watchdog every
+//! wait goes through (watchdog.rs), and bench's measurements (measure.rs).
 
 use std::sync::Arc;
 
@@ -18,11 +18,13 @@ use cudarc::driver::{
 };
 
 mod generate;
+mod grid;
 mod measure;
 mod prefill;
 mod ring;
 mod watchdog;
 
+use grid::decode_blocks;
 pub use measure::{median, Profile};
 use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
@@ -33,10 +35,10 @@ use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
 use crate::kernel_dims::{
-    DECODE_PARTIAL_WORDS, DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE,
-    LM_HEAD_THREADS, NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK,
-    QKV_ROWS, Q_DIM, RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE,
-    SAMPLE_SMEM_BYTES, SAMPLE_THREADS,
+    DECODE_PARTIAL_WORDS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
+    NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
+    RING_SLOT_BYTES, SAMPLE_MAX_BLOCKS, SAMPLE_MAX_TOP_K, SAMPLE_SLICE, SAMPLE_SMEM_BYTES,
+    SAMPLE_THREADS,
 };
 use crate::sampling::Sampling;
 
@@ -248,14 +250,7 @@ impl GpuDecoder {
             );
         }
         let in_flight = ring_in_flight(ring_slots)?;
-        let decode_blocks = device.sm_count;
-        if HIDDEN.div_ceil(decode_blocks as usize) > DECODE_RESIDUAL_MAX_ROWS {
-            bail!(
-                "{} has {decode_blocks} SMs; the decode kernel needs at least {}",
-                device.name,
-                HIDDEN.div_ceil(DECODE_RESIDUAL_MAX_ROWS)
-            );
-        }
+        let decode_blocks = decode_blocks(&device.name, device.sm_count)?;
         device.prefill.attention.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             PREFILL_ATTN_SMEM_BYTES as i32,
