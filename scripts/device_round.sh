@@ -75,10 +75,10 @@ for step in "${steps[@]}"; do
         run parity-9k-token-by-token 400 "$BIN" parity --ref "${REF_9K:-reference/tokens-9k.json}" --model $M06 --token-by-token ;;
     grids)
         # The decode kernel on fewer blocks than this GPU has SMs (QWEN_MK_DECODE_BLOCKS): the
-        # fewest it runs on (8: one KV head a block, never split), and sizes whose attention
-        # splits differ from 132's (17: query heads split up to 256 keys; 66, 100, 131).
+        # fewest it runs on with Hopper's 16 ring slots (32: src/gpu/decoder/grid.rs), and sizes
+        # whose attention splits differ from 132's (66, 100, 131).
         # Token by token through the 4,100-token reference: every cache length up to 4,228.
-        for blocks in 8 17 66 100 131; do
+        for blocks in 32 66 100 131; do
             run "parity-grid-$blocks" 300 env QWEN_MK_DECODE_BLOCKS=$blocks "$BIN" parity --ref "${REF:-reference/tokens.json}" --model $M06
             run "parity-long-grid-$blocks-token-by-token" 400 env QWEN_MK_DECODE_BLOCKS=$blocks "$BIN" parity --ref "${REF_LONG:-reference/tokens-long.json}" --model $M06 --token-by-token
         done ;;

@@ -250,7 +250,7 @@ impl GpuDecoder {
             );
         }
         let in_flight = ring_in_flight(ring_slots)?;
-        let decode_blocks = decode_blocks(&device.name, device.sm_count)?;
+        let decode_blocks = decode_blocks(&device.name, device.sm_count, ring_slots)?;
         device.prefill.attention.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             PREFILL_ATTN_SMEM_BYTES as i32,
