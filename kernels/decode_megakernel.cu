@@ -222,7 +222,11 @@ __device__ __forceinline__ void project_split_k(const StreamRing& ring, int laye
             if (lane % 4 == 0 && g + lane / 4 <= last) partial[warp][g + lane / 4] = sum;
         }
     }
-    consumer_sync();  // every slice summed, every row read
+    // Every slice summed, every row read: only now are the rows given back
+    // to the ring, so a block's rows of P must fit it at once (the host's
+    // grid check, src/gpu/decoder/grid.rs; released a group at a time
+    // instead, a step was 0.2-0.9% slower, RESULTS.md).
+    consumer_sync();
     for (int u = threadIdx.x; u < n; u += CONSUMERS) {
         float y[1] = {0.f};
 #pragma unroll
