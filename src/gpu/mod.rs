@@ -21,6 +21,24 @@ pub(crate) fn env_setting(name: &str) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// The count a setting `name` gives as `text`, if it is one within `range`
+/// (of `unit`s), else an error naming the setting and the range.
+pub(crate) fn count_setting(
+    name: &str,
+    text: &str,
+    range: std::ops::RangeInclusive<usize>,
+    unit: &str,
+) -> anyhow::Result<usize> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => anyhow::bail!(
+            "{name}={text:?} is not a number of {unit} from {} to {}; unset it or pick one",
+            range.start(),
+            range.end()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::OsStr;

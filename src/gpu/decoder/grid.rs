@@ -49,12 +49,7 @@ fn decode_blocks_with(
     let Some(text) = read(NAME)? else {
         return Ok(sm_count as u32);
     };
-    match text.trim().parse::<usize>() {
-        Ok(n) if (min..=sm_count).contains(&n) => Ok(n as u32),
-        _ => bail!(
-            "{NAME}={text:?} is not a number of blocks from {min} to {sm_count} (this GPU's SMs); unset it or pick one"
-        ),
-    }
+    Ok(crate::gpu::count_setting(NAME, &text, min..=sm_count, "blocks")? as u32)
 }
 
 #[cfg(test)]

@@ -115,12 +115,7 @@ fn parse_in_flight(
     let Some(text) = setting else {
         return Ok(default);
     };
-    match text.trim().parse::<usize>() {
-        Ok(n) if (1..=ring_slots).contains(&n) => Ok(n),
-        _ => bail!(
-            "{name}={text:?} is not a number of slots from 1 to {ring_slots}; unset it or pick one"
-        ),
-    }
+    crate::gpu::count_setting(name, text, 1..=ring_slots, "slots")
 }
 
 #[cfg(test)]
