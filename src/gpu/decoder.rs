@@ -24,16 +24,16 @@ mod prefill;
 mod ring;
 mod watchdog;
 
-use grid::decode_blocks;
+use grid::{decode_grid, DecodeGrid};
 pub use measure::{median, Profile};
 use prefill::Prefill;
 pub use prefill::PREFILL_MIN_TOKENS;
-use ring::{ring_in_flight, ring_slots};
 use watchdog::wait_for;
 
 use super::device::Device;
 use super::weights::GpuWeights;
 use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
 use crate::kernel_dims::{
     DECODE_PARTIAL_WORDS, DECODE_THREADS, HEAD_DIM, HIDDEN, INTERMEDIATE, LM_HEAD_THREADS,
     NUM_KV_HEADS, NUM_LAYERS, NUM_Q_HEADS, PREFILL_ATTN_SMEM_BYTES, PREFILL_CHUNK, QKV_ROWS, Q_DIM,
@@ -187,6 +187,43 @@ pub struct GpuDecoder {
     sample_candidates: CudaSlice<u64>,
 }
 
+/// Refuses a context whose KV cache would not fit beside the weights and the
+/// prefill buffers in the GPU's free memory (with 64 MB to spare).
+fn check_free_memory(device: &Device, config: &ModelConfig, context: usize) -> Result<()> {
+    let (free, _) = device.ctx.mem_get_info()?;
+    let kv_bytes = KV_BYTES_PER_POSITION * context;
+    let weight_bytes = 2
+        * (NUM_LAYERS * crate::kernel_dims::layer_layout::STRIDE
+            + (1 + usize::from(!config.tie_word_embeddings)) * config.vocab_size * HIDDEN);
+    let prefill_bytes = prefill::buffer_bytes(context.min(PREFILL_CHUNK));
+    if weight_bytes + kv_bytes + prefill_bytes + (64 << 20) > free {
+        bail!(
+            "{} has {:.1} GB free, but the weights and a KV cache of {context} positions need {:.1} GB; use a shorter context",
+            device.name,
+            free as f64 / 1e9,
+            (weight_bytes + kv_bytes + prefill_bytes) as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Blocks of the LM head: as many as are resident at once, up to 4 an SM.
+fn lm_head_blocks(device: &Device, vocab: usize) -> Result<u32> {
+    let per_sm = device
+        .lm_head
+        .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
+        .clamp(1, 4);
+    let blocks = device.sm_count * per_sm;
+    // The kernels split rows over blocks in 32-bit arithmetic
+    // (split_range, kernels/common.cuh).
+    if vocab as u64 * blocks as u64 >= 1 << 32 {
+        bail!(
+            "a vocabulary of {vocab} rows over {blocks} LM-head blocks is beyond what the kernels index; this checkpoint is not one qwen-mk runs"
+        );
+    }
+    Ok(blocks)
+}
+
 fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     slice.device_ptr(stream).0
 }
@@ -212,62 +249,13 @@ impl GpuDecoder {
         // into a CUDA graph.
         let stream = ctx.new_stream()?;
 
-        let (free, _) = ctx.mem_get_info()?;
-        let kv_bytes = KV_BYTES_PER_POSITION * context;
-        let weight_bytes = 2
-            * (NUM_LAYERS * crate::kernel_dims::layer_layout::STRIDE
-                + (1 + usize::from(!config.tie_word_embeddings)) * config.vocab_size * HIDDEN);
-        let prefill_bytes = prefill::buffer_bytes(context.min(PREFILL_CHUNK));
-        if weight_bytes + kv_bytes + prefill_bytes + (64 << 20) > free {
-            bail!(
-                "{} has {:.1} GB free, but the weights and a KV cache of {context} positions need {:.1} GB; use a shorter context",
-                device.name,
-                free as f64 / 1e9,
-                (weight_bytes + kv_bytes + prefill_bytes) as f64 / 1e9
-            );
-        }
-
-        // Grid: one resident block per SM, checked by the occupancy API and
-        // enforced by the cooperative launch; the weight ring takes the
-        // shared memory a block can have beyond the kernel's static part.
-        let ring_slots = ring_slots(&device)?;
-        let ring_bytes = ring_slots * RING_SLOT_BYTES;
-        device.decode_step.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            ring_bytes as i32,
-        )?;
-        let per_sm = device
-            .decode_step
-            .occupancy_max_active_blocks_per_multiprocessor(
-                DECODE_THREADS as u32,
-                ring_bytes,
-                None,
-            )?;
-        if per_sm == 0 {
-            bail!(
-                "the decode kernel cannot be resident on {} (occupancy 0)",
-                device.name
-            );
-        }
-        let in_flight = ring_in_flight(ring_slots)?;
-        let decode_blocks = decode_blocks(&device.name, device.sm_count, ring_slots)?;
-        device.prefill.attention.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            PREFILL_ATTN_SMEM_BYTES as i32,
-        )?;
-        let lm_per_sm = device
-            .lm_head
-            .occupancy_max_active_blocks_per_multiprocessor(LM_HEAD_THREADS as u32, 0, None)?
-            .clamp(1, 4);
-        let lm_head_blocks = device.sm_count * lm_per_sm;
-        // The kernels split rows over blocks in 32-bit arithmetic
-        // (split_range, kernels/common.cuh).
-        if config.vocab_size as u64 * lm_head_blocks as u64 >= 1 << 32 {
-            bail!(
-                "a vocabulary of {} rows over {lm_head_blocks} LM-head blocks is beyond what the kernels index; this checkpoint is not one qwen-mk runs",
-                config.vocab_size
-            );
-        }
+        check_free_memory(&device, config, context)?;
+        let DecodeGrid {
+            blocks: decode_blocks,
+            ring_slots,
+            in_flight,
+        } = decode_grid(&device)?;
+        let lm_head_blocks = lm_head_blocks(&device, config.vocab_size)?;
         // As many attention chunks per KV head as the kernel makes at most
         // (AttentionTask in kernels/decode_common.cuh).
         let max_chunks = (decode_blocks as usize / NUM_KV_HEADS).max(1);
@@ -351,6 +339,10 @@ impl GpuDecoder {
         device.sample.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             SAMPLE_SMEM_BYTES as i32,
+        )?;
+        device.prefill.attention.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            PREFILL_ATTN_SMEM_BYTES as i32,
         )?;
         let prefill = match prefill::unavailable_reason() {
             Some(why) => Err(why),

@@ -3,8 +3,49 @@
 //! be checked on this GPU at the sizes other GPUs give it.
 
 use anyhow::{bail, Result};
+use cudarc::driver::sys::CUfunction_attribute;
 
-use crate::kernel_dims::{DECODE_RESIDUAL_MAX_ROWS, HIDDEN, INTERMEDIATE, Q_DIM, RING_SLOT_BYTES};
+use super::ring::{ring_in_flight, ring_slots, InFlight};
+use crate::gpu::device::Device;
+use crate::kernel_dims::{
+    DECODE_RESIDUAL_MAX_ROWS, DECODE_THREADS, HIDDEN, INTERMEDIATE, Q_DIM, RING_SLOT_BYTES,
+};
+
+/// How the decode kernel is launched on a GPU.
+pub(super) struct DecodeGrid {
+    pub blocks: u32,
+    /// Slots of the weight ring each block has in shared memory.
+    pub ring_slots: usize,
+    /// Copies its producer keeps in flight.
+    pub in_flight: InFlight,
+}
+
+/// The decode kernel's grid on `device`: one resident block per SM (or
+/// fewer, `QWEN_MK_DECODE_BLOCKS`), checked by the occupancy API and
+/// enforced by the cooperative launch; the weight ring takes the shared
+/// memory a block can have beyond the kernel's static part.
+pub(super) fn decode_grid(device: &Device) -> Result<DecodeGrid> {
+    let ring_slots = ring_slots(device)?;
+    let ring_bytes = ring_slots * RING_SLOT_BYTES;
+    device.decode_step.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        ring_bytes as i32,
+    )?;
+    let per_sm = device
+        .decode_step
+        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS as u32, ring_bytes, None)?;
+    if per_sm == 0 {
+        bail!(
+            "the decode kernel cannot be resident on {} (occupancy 0)",
+            device.name
+        );
+    }
+    Ok(DecodeGrid {
+        blocks: decode_blocks(&device.name, device.sm_count, ring_slots)?,
+        ring_slots,
+        in_flight: ring_in_flight(ring_slots)?,
+    })
+}
 
 /// The fewest blocks the decode kernel runs on with a ring of `ring_slots`.
 /// Each block keeps at most DECODE_RESIDUAL_MAX_ROWS rows of the residual
@@ -27,7 +68,7 @@ fn min_blocks(ring_slots: usize) -> usize {
 
 /// Blocks of the decode kernel on `gpu`, which has `sm_count` SMs and gives
 /// the kernel a ring of `ring_slots`.
-pub(super) fn decode_blocks(gpu: &str, sm_count: u32, ring_slots: usize) -> Result<u32> {
+fn decode_blocks(gpu: &str, sm_count: u32, ring_slots: usize) -> Result<u32> {
     decode_blocks_with(gpu, sm_count, ring_slots, crate::gpu::env_setting)
 }
 
