@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::BenchArgs;
-use crate::gpu::decoder::{median, GRAPH_STEPS};
+use crate::gpu::decoder::{median, Profile, GRAPH_STEPS};
 use crate::gpu::GpuDecoder;
 use crate::model_source;
 
@@ -55,6 +55,47 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     };
     let mut decoder = GpuDecoder::new(&checkpoint, context, args.model.gpu)?;
+    let measured = measure(&mut decoder, args, &prefill_lengths)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        write_json(&mut out, &decoder, args, &measured)
+    } else {
+        write_tables(&mut out, &decoder, args, &dir, &measured)
+    }
+}
+
+/// What one `bench` run measured.
+struct Measured {
+    /// Read bandwidth of the GPU in bytes a second (the floor's divisor).
+    bandwidth: f64,
+    positions: Vec<PositionTiming>,
+    /// Each kernel alone, ms a step, at position 0.
+    decode_ms: f64,
+    lm_head_ms: f64,
+    /// (prompt tokens, ms to the first token).
+    prefill: Vec<(usize, f64)>,
+    /// `--profile`: (position, what block 0 and the handoffs saw).
+    profiles: Vec<(usize, Profile)>,
+}
+
+/// Decode steps from one position, per token.
+struct PositionTiming {
+    position: usize,
+    ms: f64,
+    /// The same steps replayed from CUDA graphs (NaN without graphs).
+    graph_ms: f64,
+    /// Host time to enqueue a step.
+    host_ms: f64,
+    /// The bytes a step reads there, and their time at the read bandwidth.
+    bytes: usize,
+    floor_ms: f64,
+}
+
+fn measure(
+    decoder: &mut GpuDecoder,
+    args: &BenchArgs,
+    prefill_lengths: &[usize],
+) -> Result<Measured> {
     decoder.fill_cache_random(7)?;
     let bandwidth = decoder.measure_read_bandwidth(2 << 30, 10)?;
 
@@ -62,45 +103,42 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // CUDA graph of GRAPH_STEPS steps (when the driver can capture them).
     let graph = decoder.capture_steps(GRAPH_STEPS)?;
     let graph_launches = args.steps.div_ceil(GRAPH_STEPS);
-    let mut rows = Vec::new();
+    let mut positions = Vec::new();
     for &position in &args.positions {
         let (ms, host_ms) = median_per_step(args.repeats, args.steps, || {
-            timed_run(&mut decoder, position, args.steps, |d| {
-                d.enqueue_step(false)
-            })
+            timed_run(decoder, position, args.steps, |d| d.enqueue_step(false))
         })?;
         let graph_ms = match &graph {
             Some(g) => {
                 median_per_step(args.repeats, graph_launches * GRAPH_STEPS, || {
-                    timed_run(&mut decoder, position, graph_launches, |_| Ok(g.launch()?))
+                    timed_run(decoder, position, graph_launches, |_| Ok(g.launch()?))
                 })?
                 .0
             }
             None => f64::NAN,
         };
         // The average position of the timed steps sets the KV bytes read.
-        let mid = position + args.steps / 2;
-        let floor_ms = decoder.bytes_per_step(mid) as f64 / bandwidth * 1e3;
-        rows.push((
+        let bytes = decoder.bytes_per_step(position + args.steps / 2);
+        positions.push(PositionTiming {
             position,
             ms,
             graph_ms,
             host_ms,
-            floor_ms,
-            decoder.bytes_per_step(mid),
-        ));
+            bytes,
+            floor_ms: bytes as f64 / bandwidth * 1e3,
+        });
     }
 
     // Each kernel alone at position 0, for where-the-time-goes (launched
     // back to back, the decode kernel stays there: the LM head is what
     // moves a sequence on).
     let (decode_ms, _) = median_per_step(args.repeats, args.steps, || {
-        timed_run(&mut decoder, 0, args.steps, GpuDecoder::enqueue_decode)
+        timed_run(decoder, 0, args.steps, GpuDecoder::enqueue_decode)
     })?;
     let (lm_head_ms, _) = median_per_step(args.repeats, args.steps, || {
-        timed_run(&mut decoder, 0, args.steps, |d| d.enqueue_lm_head(false))
+        timed_run(decoder, 0, args.steps, |d| d.enqueue_lm_head(false))
     })?;
-    let prefill_rows = time_prefill(&mut decoder, &prefill_lengths, args.repeats)?;
+    let prefill = time_prefill(decoder, prefill_lengths, args.repeats)?;
     let mut profiles = Vec::new();
     if args.profile {
         for &position in &args.positions {
@@ -108,58 +146,87 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             profiles.push((position, decoder.profile(args.steps)?));
         }
     }
+    Ok(Measured {
+        bandwidth,
+        positions,
+        decode_ms,
+        lm_head_ms,
+        prefill,
+        profiles,
+    })
+}
 
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let report = json!({
-            "gpu": decoder.device.name,
-            "sm_count": decoder.device.sm_count,
-            "decode_blocks": decoder.decode_blocks,
-            "lm_head_blocks": decoder.lm_head_blocks,
-            "read_bandwidth_gb_s": bandwidth / 1e9,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "positions": rows.iter().map(|(p, ms, graph_ms, host_ms, floor, bytes)| json!({
-                "position": p, "ms_per_token": ms, "tokens_per_s": 1e3 / ms,
-                "graph_ms_per_token": graph_ms, "host_enqueue_ms_per_token": host_ms,
-                "bytes_per_step": bytes, "floor_ms": floor, "percent_of_floor": 100.0 * floor / ms,
-            })).collect::<Vec<_>>(),
-            "prefill": prefill_rows.iter().map(|(n, ms)| json!({
-                "prompt_tokens": n, "ms_to_first_token": ms, "prompt_tokens_per_s": *n as f64 / ms * 1e3,
-                "tflop_per_s": prefill_flops(*n, decoder.vocab) / ms * 1e-9,
-            })).collect::<Vec<_>>(),
-            "decode_kernel_ms": decode_ms,
-            "lm_head_kernel_ms": lm_head_ms,
-            "phase_us_per_layer": profiles.iter().map(|(p, prof)| { let t = &prof.phase_us; json!({"position": p,
-                "wait_work": {"A_qkv": t[0], "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]},
-                "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait,
-                "kernel_span_us": prof.kernel_span_us, "between_kernels_us": prof.between_kernels_us}) }).collect::<Vec<_>>(),
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-        return Ok(());
-    }
+/// `--json`: one object.
+fn write_json(
+    out: &mut impl Write,
+    decoder: &GpuDecoder,
+    args: &BenchArgs,
+    m: &Measured,
+) -> Result<()> {
+    let report = json!({
+        "gpu": decoder.device.name,
+        "sm_count": decoder.device.sm_count,
+        "decode_blocks": decoder.decode_blocks,
+        "lm_head_blocks": decoder.lm_head_blocks,
+        "read_bandwidth_gb_s": m.bandwidth / 1e9,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "positions": m.positions.iter().map(|t| json!({
+            "position": t.position, "ms_per_token": t.ms, "tokens_per_s": 1e3 / t.ms,
+            "graph_ms_per_token": t.graph_ms, "host_enqueue_ms_per_token": t.host_ms,
+            "bytes_per_step": t.bytes, "floor_ms": t.floor_ms, "percent_of_floor": 100.0 * t.floor_ms / t.ms,
+        })).collect::<Vec<_>>(),
+        "prefill": m.prefill.iter().map(|(n, ms)| json!({
+            "prompt_tokens": n, "ms_to_first_token": ms, "prompt_tokens_per_s": *n as f64 / ms * 1e3,
+            "tflop_per_s": prefill_flops(*n, decoder.vocab) / ms * 1e-9,
+        })).collect::<Vec<_>>(),
+        "decode_kernel_ms": m.decode_ms,
+        "lm_head_kernel_ms": m.lm_head_ms,
+        "phase_us_per_layer": m.profiles.iter().map(|(p, prof)| { let t = &prof.phase_us; json!({"position": p,
+            "wait_work": {"A_qkv": t[0], "B_attention": t[1], "C_o_proj": t[2], "D_gate_up": t[3], "E_down": t[4]},
+            "producer_wait_slot": prof.producer_waits[0], "producer_wait_copy": prof.producer_waits[1], "consumer_ring_wait": prof.consumer_ring_wait,
+            "kernel_span_us": prof.kernel_span_us, "between_kernels_us": prof.between_kernels_us}) }).collect::<Vec<_>>(),
+    });
+    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
+
+/// The default report: decode steps by position, each kernel alone, then
+/// time to first token and `--profile`'s phases where measured.
+fn write_tables(
+    out: &mut impl Write,
+    decoder: &GpuDecoder,
+    args: &BenchArgs,
+    dir: &Path,
+    m: &Measured,
+) -> Result<()> {
     writeln!(
         out,
         "{} ({} SMs), read bandwidth {:.0} GB/s; {} steps x {} repeats, median; model {}",
         decoder.device.name,
         decoder.device.sm_count,
-        bandwidth / 1e9,
+        m.bandwidth / 1e9,
         args.steps,
         args.repeats,
-        Path::new(&dir).display()
+        dir.display()
     )?;
     writeln!(
         out,
         "{:>9} {:>10} {:>9} {:>11} {:>10} {:>8} {:>10} {:>10}",
         "position", "ms/token", "tok/s", "MB/step", "floor ms", "% floor", "graph ms", "host ms"
     )?;
-    for (position, ms, graph_ms, host_ms, floor, bytes) in &rows {
+    for t in &m.positions {
         writeln!(
             out,
-            "{position:>9} {ms:>10.4} {:>9.1} {:>11.1} {floor:>10.4} {:>7.1}% {graph_ms:>10.4} {host_ms:>10.4}",
-            1e3 / ms,
-            *bytes as f64 / 1e6,
-            100.0 * floor / ms
+            "{:>9} {:>10.4} {:>9.1} {:>11.1} {:>10.4} {:>7.1}% {:>10.4} {:>10.4}",
+            t.position,
+            t.ms,
+            1e3 / t.ms,
+            t.bytes as f64 / 1e6,
+            t.floor_ms,
+            100.0 * t.floor_ms / t.ms,
+            t.graph_ms,
+            t.host_ms
         )?;
     }
     writeln!(out, "(graph ms: the same steps replayed from a {GRAPH_STEPS}-step CUDA graph; host ms: time to enqueue one step)")?;
@@ -167,9 +234,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // of the run is at position 0: no cached keys to attend to.
     writeln!(
         out,
-        "decode kernel alone {decode_ms:.4} ms, LM head alone {lm_head_ms:.4} ms (every step at position 0)"
+        "decode kernel alone {:.4} ms, LM head alone {:.4} ms (every step at position 0)",
+        m.decode_ms, m.lm_head_ms
     )?;
-    if !prefill_rows.is_empty() {
+    if !m.prefill.is_empty() {
         writeln!(
             out,
             "time to first token (prompt ids on the GPU -> batched prefill -> LM head -> token), attention kernel {}:",
@@ -180,7 +248,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "{:>14} {:>10} {:>14} {:>9}",
             "prompt tokens", "ms", "prompt tok/s", "TFLOP/s"
         )?;
-        for (n, ms) in &prefill_rows {
+        for (n, ms) in &m.prefill {
             writeln!(
                 out,
                 "{n:>14} {ms:>10.3} {:>14.0} {:>9.1}",
@@ -189,69 +257,76 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             )?;
         }
     }
-    if !profiles.is_empty() {
+    if !m.profiles.is_empty() {
+        write_profiles(out, &m.profiles)?;
+    }
+    Ok(())
+}
+
+/// `--profile`: where block 0's time goes in each phase, and how each
+/// phase's output reaches the next over all blocks.
+fn write_profiles(out: &mut impl Write, profiles: &[(usize, Profile)]) -> Result<()> {
+    writeln!(
+        out,
+        "decode kernel phases, us per layer as block 0 sees them: waiting for inputs + working"
+    )?;
+    writeln!(
+        out,
+        "{:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7} {:>18} {:>11}",
+        "position",
+        "A qkv",
+        "B attn",
+        "C o",
+        "D gate/up",
+        "E down",
+        "layer",
+        "producer waits",
+        "rows late"
+    )?;
+    for (position, profile) in profiles {
+        let t = &profile.phase_us;
+        let cell = |i: usize| format!("{:.2}+{:.2}", t[i][0], t[i][1]);
+        let [slot, copy] = profile.producer_waits;
         writeln!(
             out,
-            "decode kernel phases, us per layer as block 0 sees them: waiting for inputs + working"
+            "{position:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7.2}   slot {:>3.0}% copy {:>3.0}% {:>10.0}%",
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3),
+            cell(4),
+            t.iter().flatten().sum::<f64>(),
+            slot * 100.0,
+            copy * 100.0,
+            profile.consumer_ring_wait * 100.0
         )?;
+    }
+    for (position, profile) in profiles {
         writeln!(
             out,
-            "{:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7} {:>18} {:>11}",
-            "position",
-            "A qkv",
-            "B attn",
-            "C o",
-            "D gate/up",
-            "E down",
-            "layer",
-            "producer waits",
-            "rows late"
+            "{position:>9} decode kernel {:.1} us from the first block's start to the last block's end, then {:.1} us to the next step's start (LM head and launches)",
+            profile.kernel_span_us, profile.between_kernels_us
         )?;
-        for (position, profile) in &profiles {
-            let t = &profile.phase_us;
-            let cell = |i: usize| format!("{:.2}+{:.2}", t[i][0], t[i][1]);
-            let [slot, copy] = profile.producer_waits;
-            writeln!(
-                out,
-                "{position:>9} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7.2}   slot {:>3.0}% copy {:>3.0}% {:>10.0}%",
-                cell(0),
-                cell(1),
-                cell(2),
-                cell(3),
-                cell(4),
-                t.iter().flatten().sum::<f64>(),
-                slot * 100.0,
-                copy * 100.0,
-                profile.consumer_ring_wait * 100.0
-            )?;
-        }
-        for (position, profile) in &profiles {
-            writeln!(
-                out,
-                "{position:>9} decode kernel {:.1} us from the first block's start to the last block's end, then {:.1} us to the next step's start (LM head and launches)",
-                profile.kernel_span_us, profile.between_kernels_us
-            )?;
-        }
-        writeln!(out, "(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)")?;
-        writeln!(out, "handoffs over all blocks, us per layer: the last writer's end after the median writer's (straggle), and the median reader's inputs after the last writer's end (latency); the writers most often last")?;
-        for (position, profile) in &profiles {
-            for (name, h) in ["A qkv", "B attn", "C o", "D gate/up", "E down"]
+    }
+    writeln!(out, "(producer waits: share of block 0's weight-stream time spent waiting for a ring slot the consumers still read, and for the copy in flight; rows late: share of its first consumer thread's time spent waiting for weight rows to land)")?;
+    writeln!(out, "handoffs over all blocks, us per layer: the last writer's end after the median writer's (straggle), and the median reader's inputs after the last writer's end (latency); the writers most often last")?;
+    for (position, profile) in profiles {
+        for (name, h) in ["A qkv", "B attn", "C o", "D gate/up", "E down"]
+            .iter()
+            .zip(&profile.handoffs)
+        {
+            let last: Vec<String> = h
+                .last_writers
                 .iter()
-                .zip(&profile.handoffs)
-            {
-                let last: Vec<String> = h
-                    .last_writers
-                    .iter()
-                    .map(|(b, share)| format!("{b} ({:.0}%)", share * 100.0))
-                    .collect();
-                writeln!(
-                    out,
-                    "{position:>9} {name:>11}   straggle {:>5.2}   latency {:>5.2}   last: {}",
-                    h.straggle_us,
-                    h.latency_us,
-                    last.join(", ")
-                )?;
-            }
+                .map(|(b, share)| format!("{b} ({:.0}%)", share * 100.0))
+                .collect();
+            writeln!(
+                out,
+                "{position:>9} {name:>11}   straggle {:>5.2}   latency {:>5.2}   last: {}",
+                h.straggle_us,
+                h.latency_us,
+                last.join(", ")
+            )?;
         }
     }
     Ok(())
