@@ -210,17 +210,19 @@ fn check_reference_ids(reference: &Reference, config: &ModelConfig) -> Result<()
 
 /// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
 /// problem.
-pub fn run(args: &ParityArgs) -> Result<bool> {
-    let reference = Reference::load(&args.reference)?;
-    let model_dir = args
-        .model
-        .clone()
-        .unwrap_or_else(|| reference.model.dir.clone());
-    let checkpoint = Checkpoint::open(Path::new(&model_dir))?;
-    check_reference_ids(&reference, &checkpoint.config).with_context(|| {
+/// The checkpoint in `model_dir`, if it is the one `reference` (read from
+/// `reference_path`) was made from: its ids fit the vocabulary, and the
+/// qwen_mk metadata `synth` writes (seed, generator and shape) agrees.
+fn open_reference_checkpoint(
+    reference: &Reference,
+    reference_path: &Path,
+    model_dir: &str,
+) -> Result<Checkpoint> {
+    let checkpoint = Checkpoint::open(Path::new(model_dir))?;
+    check_reference_ids(reference, &checkpoint.config).with_context(|| {
         format!(
             "reference {} does not fit checkpoint {model_dir}",
-            args.reference.display()
+            reference_path.display()
         )
     })?;
     for (key, value) in &reference.model.metadata {
@@ -233,6 +235,50 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
             );
         }
     }
+    Ok(checkpoint)
+}
+
+/// The free-running ids beside the truth's, a row a step, up to the first
+/// step where they part (returned: after it the two compare different
+/// contexts). Near-tie steps are marked ~.
+fn write_free_running(
+    out: &mut impl Write,
+    tokenizer: &Tokenizer,
+    prompt_len: usize,
+    truth: &[u32],
+    free: &[u32],
+    near_tie: &[bool],
+) -> Result<Option<usize>> {
+    for (step, (&r, &o)) in truth.iter().zip(free).enumerate() {
+        writeln!(
+            out,
+            "{:>6} {:>8} {:>8}  {:<24} {:<24} {}{}",
+            prompt_len + step,
+            r,
+            o,
+            format!("{:?}", tokenizer.decode(&[r])?),
+            format!("{:?}", tokenizer.decode(&[o])?),
+            if r == o { "ok" } else { "differs" },
+            if near_tie[step] { " ~" } else { "" }
+        )?;
+        if r != o {
+            writeln!(
+                out,
+                "       (the sequences part here; later rows compare different contexts)"
+            )?;
+            return Ok(Some(step));
+        }
+    }
+    Ok(None)
+}
+
+pub fn run(args: &ParityArgs) -> Result<bool> {
+    let reference = Reference::load(&args.reference)?;
+    let model_dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| reference.model.dir.clone());
+    let checkpoint = open_reference_checkpoint(&reference, &args.reference, &model_dir)?;
     let tokenizer = Tokenizer::from_model_dir(Path::new(&model_dir))?;
     let prompt = &reference.prompt_ids;
     let truth = &reference.truth;
@@ -335,30 +381,15 @@ pub fn run(args: &ParityArgs) -> Result<bool> {
         "{:>6} {:>8} {:>8}  {:<24} {:<24} match",
         "pos", "ref id", "qwen-mk", "ref text", "qwen-mk text"
     )?;
-    let mut free_mismatch = None;
-    for (step, (&r, &o)) in truth.ids.iter().zip(&free).enumerate() {
-        if r != o && free_mismatch.is_none() && step < first_near_tie {
-            free_mismatch = Some(step);
-        }
-        writeln!(
-            out,
-            "{:>6} {:>8} {:>8}  {:<24} {:<24} {}{}",
-            prompt.len() + step,
-            r,
-            o,
-            format!("{:?}", tokenizer.decode(&[r])?),
-            format!("{:?}", tokenizer.decode(&[o])?),
-            if r == o { "ok" } else { "differs" },
-            if near_tie[step] { " ~" } else { "" }
-        )?;
-        if r != o {
-            writeln!(
-                out,
-                "       (the sequences part here; later rows compare different contexts)"
-            )?;
-            break;
-        }
-    }
+    let parted = write_free_running(
+        &mut out,
+        &tokenizer,
+        prompt.len(),
+        &truth.ids,
+        &free,
+        &near_tie,
+    )?;
+    let free_mismatch = parted.filter(|&step| step < first_near_tie);
 
     let sampler_misses = check_sampler(&mut decoder, &sequence, prompt.len(), path, steps)?;
     let pass = our_mean <= peer_mean
