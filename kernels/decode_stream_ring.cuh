@@ -301,7 +301,7 @@ struct StreamRing {
     // copies in flight then, on nearly every block, slow those phases'
     // handoffs; while the consumers read tiles, no handoff but the merge is
     // awaited (src/kernel_dims.rs, RING_KV_IN_FLIGHT and
-    // RING_ONE_CHUNK_IN_FLIGHT, has the measurements).
+    // RING_ONE_CHUNK_IN_FLIGHT, say what was measured).
     // `cycles`, when not null, receives the ProducerClock counts (total,
     // slot, copy).
     __device__ void produce(const DecodeParams& p, const AttentionTask& task, int pos,

@@ -86,34 +86,27 @@ pub const RING_SLOTS_SM120: usize = 6;
 /// while others are copied.
 pub const RING_MIN_SLOTS: usize = 3;
 /// Slot copies the producer keeps in flight: one. More streams faster but
-/// delays every latency-bound load of the consumers; on the H100 one 12 KB
-/// copy at a time measured 0.745 ms per token, two 0.809, three 0.845, four
-/// 0.875, one 24 KB copy 0.804 (RESULTS.md). On the H200 (session 22) two
-/// cost +6 / +8 / +9 / +3% at 0-255 / 1,024 / 4,096 / 16,384, though with
-/// the handoffs made free (a diagnostic) they would gain 8%.
+/// lengthens the L2 round trips of every handoff by more: two cost 3-9% a
+/// step on the H200, where with the handoffs made free (a diagnostic) they
+/// would gain 8% (RESULTS.md, session 22).
 pub const RING_IN_FLIGHT: usize = 1;
 /// Copies in flight for an attention chunk that is not its head's whole
 /// cache (257 keys and up on 132 SMs), once the block's consumers read its
 /// tiles; before that, while they are still in the phases before attention,
 /// RING_IN_FLIGHT, because copies in flight on every block slow those
 /// phases' handoffs, and once the tiles are read only the merge is awaited.
-/// On the H200, four once read against the one or two of before: -4% at
-/// 8,192-16,384 (session 23); these copies then lost their L2 prefetch, and
-/// six beat four: -1.5 to -2.0% at 16,384, -4.7 to -5.7% at 32,768; eight
-/// as six, twelve slower (session 24; RESULTS.md).
+/// Six was the fastest measured on the H200 (eight the same, twelve slower;
+/// RESULTS.md, sessions 23-24).
 pub const RING_KV_IN_FLIGHT: usize = 6;
 /// Copies in flight while the producer streams a chunk that is its head's
 /// whole cache (up to 256 keys, on the 16 blocks of a query head each): only
-/// those blocks stream tiles then, and attention waits for them. On the
-/// H200 against one: two -2.3% at positions 0-255 (-6.5% at 248-255); with
-/// a warp's lanes polling together, three -1.2% and four -1.5% against two,
-/// and four and six alike, -1.6% (RESULTS.md, session 21).
+/// those blocks stream tiles then, and attention waits for them. Four was
+/// the fastest measured on the H200 (six the same; RESULTS.md, session 21).
 pub const RING_ONE_CHUNK_IN_FLIGHT: usize = 4;
 /// Nanoseconds a decode block sleeps before it reads again values another
 /// block has not written yet. Since every phase ends in a consumer barrier,
-/// none is best: against 256 ns, -2.8 / -3.3 / -3.0 / -0.6% at 0-255 /
-/// 1,024 / 4,096 / 16,384 on the H200, the steadiest setting swept
-/// (RESULTS.md, session 13); 64 and 128 ns were no better (session 21).
+/// none is best (H200: 3% faster than 256 ns; 64 and 128 ns no better;
+/// RESULTS.md, sessions 13 and 21).
 pub const DECODE_POLL_BACKOFF_NS: usize = 0;
 /// Words of an attention chunk's partial result, which the decode kernel
 /// stores tagged for the block that merges a head's chunks: the unnormalised
