@@ -91,6 +91,9 @@ struct PositionTiming {
     floor_ms: f64,
 }
 
+/// Times the decode steps at each of `args.positions` (queued and from
+/// CUDA graphs), each kernel alone, the prompts of `prefill_lengths`, and
+/// `--profile`'s phases, on a cache of random keys and values.
 fn measure(
     decoder: &mut GpuDecoder,
     args: &BenchArgs,

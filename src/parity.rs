@@ -208,8 +208,6 @@ fn check_reference_ids(reference: &Reference, config: &ModelConfig) -> Result<()
     config.check_token_ids("truth.top_ids", reference.truth.top_ids.iter().flatten())
 }
 
-/// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
-/// problem.
 /// The checkpoint in `model_dir`, if it is the one `reference` (read from
 /// `reference_path`) was made from: its ids fit the vocabulary, and the
 /// qwen_mk metadata `synth` writes (seed, generator and shape) agrees.
@@ -272,6 +270,8 @@ fn write_free_running(
     Ok(None)
 }
 
+/// Runs the comparison; Ok(true) on pass, Ok(false) on fail, Err on a setup
+/// problem.
 pub fn run(args: &ParityArgs) -> Result<bool> {
     let reference = Reference::load(&args.reference)?;
     let model_dir = args
